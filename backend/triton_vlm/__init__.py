@@ -1,0 +1,1 @@
+"""triton-vlm: serve LLaVA-style VLMs on Triton."""
