@@ -1,0 +1,54 @@
+"""Per-request state inside the engine: tokens, KV progress, block table."""
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    # Rows to place at the prompt's image-placeholder positions, in order ([rows, hidden]).
+    image_embeds: torch.Tensor | None = None
+    image_positions: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V sit in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    num_sent: int = 0  # generated tokens already handed to the caller
+
+    def __post_init__(self):
+        self.prompt_len = self.prompt_len or len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    def image_rows_in(self, start: int, end: int) -> tuple[list[int], range]:
+        """Positions in [start, end) that hold image rows, and which rows they take."""
+        lo = bisect.bisect_left(self.image_positions, start)
+        hi = bisect.bisect_left(self.image_positions, end)
+        return self.image_positions[lo:hi], range(lo, hi)
