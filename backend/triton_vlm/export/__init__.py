@@ -1,0 +1,1 @@
+"""Export the parts of a LLaVA checkpoint that Triton serves (ONNX, TensorRT)."""
