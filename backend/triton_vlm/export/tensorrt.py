@@ -1,0 +1,71 @@
+"""Build a TensorRT engine (plan) for the vision encoder from its ONNX export."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from triton_vlm.export.vision import INPUT_NAME
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RuntimeError(
+            "--vision-backend tensorrt needs the `tensorrt` Python package and a GPU; `import tensorrt` failed "
+            f"({exc}). On an NVIDIA GPU host install tensorrt (pip install tensorrt), "
+            "or use --vision-backend onnxruntime") from exc
+    return tensorrt
+
+
+def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, image_size: int, max_batch_size: int,
+                          fp16: bool = True) -> Path:
+    """Compile `onnx_path` into a serialized engine at `plan_path` for batches 1..max_batch_size."""
+    trt = _import_tensorrt()
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as exc:  # the binding's factory returns nullptr when no CUDA device is usable
+        raise RuntimeError(f"TensorRT could not create a builder; is an NVIDIA GPU visible? ({exc})") from exc
+
+    # TensorRT 10 made explicit batch the only mode (and the flag a no-op); 8.x still needs it.
+    major = int(trt.__version__.split(".")[0])
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so that external-data weights next to the .onnx are found.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
+
+    tensor = next((network.get_input(i) for i in range(network.num_inputs)
+                   if network.get_input(i).name == INPUT_NAME), None)
+    if tensor is None:
+        raise ValueError(f"{onnx_path} has no input named {INPUT_NAME!r}")
+    if tuple(tensor.shape)[1:] != (3, image_size, image_size):
+        raise ValueError(f"{onnx_path}: {INPUT_NAME} is {tuple(tensor.shape)}, expected (batch, 3, {image_size}, "
+                         f"{image_size})")
+
+    config = builder.create_builder_config()
+    if fp16:
+        if hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        else:
+            # TensorRT 11 dropped weak typing: precision comes from the ONNX graph itself, which is FP32 here.
+            warnings.warn(f"TensorRT {trt.__version__} has no FP16 builder flag; building in the ONNX model's "
+                          "own precision (FP32)", stacklevel=2)
+    profile = builder.create_optimization_profile()
+    one, full = (1, 3, image_size, image_size), (max_batch_size, 3, image_size, image_size)
+    # opt = max: Triton's dynamic batcher fills batches under load, which is when speed matters.
+    profile.set_shape(INPUT_NAME, min=one, opt=full, max=full)
+    config.add_optimization_profile(profile)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    plan_path = Path(plan_path)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(memoryview(plan))
+    return plan_path
