@@ -1,2 +1,93 @@
-def main():
-    pass
+"""The `triton-vlm` command: make-tiny, build, serve, install-stub."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_make_tiny(args) -> None:
+    from .checkpoint import make_tiny
+
+    print(make_tiny(args.out_dir, seed=args.seed))
+
+
+def cmd_build(args) -> None:
+    from .repository import BuildOptions, build_repository
+
+    llm = dict(kv.split("=", 1) for kv in args.llm_param)
+    options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
+                           llm=llm)
+    print(build_repository(args.model, args.output, options))
+
+
+def cmd_serve(args) -> None:
+    from .server import Ports, TritonServer
+
+    server = TritonServer(args.model_repository, Ports.pick(args.http_port, args.grpc_port, args.metrics_port),
+                          host=args.host, log_path=args.log_file, verbose=args.verbose)
+    # SIGTERM takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.start(timeout=args.timeout)
+        print(f"triton-vlm: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
+              flush=True)
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"triton-vlm: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
+        sys.exit(server.proc.returncode or 1)
+    except KeyboardInterrupt:
+        print("triton-vlm: stopping", flush=True)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"triton-vlm: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        server.stop()
+
+
+def cmd_install_stub(args) -> None:
+    from .server import install_stub
+
+    print(install_stub())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a small random LLaVA checkpoint (no download)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("build", help="render a Triton model repository for a LLaVA checkpoint")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--output", required=True, type=Path, help="model repository to write")
+    p.add_argument("--vision-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--vision-max-batch-size", type=int, default=8)
+    p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C or SIGTERM")
+    p.add_argument("--model-repository", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", type=Path, help="write the server log here instead of the terminal")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("install-stub", help="put the Python-backend stub where tritonserver finds it")
+    p.set_defaults(func=cmd_install_stub)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

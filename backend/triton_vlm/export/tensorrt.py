@@ -7,7 +7,7 @@ from pathlib import Path
 from triton_vlm.export.vision import INPUT_NAME
 
 
-def _import_tensorrt():
+def require_tensorrt():
     try:
         import tensorrt
     except ImportError as exc:
@@ -21,7 +21,7 @@ def _import_tensorrt():
 def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, image_size: int, max_batch_size: int,
                           fp16: bool = True) -> Path:
     """Compile `onnx_path` into a serialized engine at `plan_path` for batches 1..max_batch_size."""
-    trt = _import_tensorrt()
+    trt = require_tensorrt()
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     logger = trt.Logger(trt.Logger.WARNING)

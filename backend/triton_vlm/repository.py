@@ -1,0 +1,129 @@
+"""Render a ready Triton model repository for one checkpoint.
+
+Every number in the configs comes from the checkpoint's config.json (via ModelGeometry);
+the model.py files are the thin adapters kept in the project's model_repository/.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .geometry import ModelGeometry
+
+ADAPTERS = Path(__file__).resolve().parents[2] / "model_repository"
+VISION_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class BuildOptions:
+    vision_backend: str = "onnxruntime"
+    vision_max_batch_size: int = 8
+    vision_queue_delay_us: int = 2000  # how long dynamic batching waits to group images
+    vision_instances: int = 1
+    ort_intra_op_threads: int = 0
+    max_concurrent_requests: int = 64
+    llm: dict[str, str] = field(default_factory=dict)  # EngineConfig fields, e.g. {"block_size": "16"}
+
+
+def build_repository(checkpoint: str | Path, output: str | Path, options: BuildOptions | None = None) -> Path:
+    options = options or BuildOptions()
+    if options.vision_backend not in VISION_BACKENDS:
+        raise ValueError(f"--vision-backend must be one of {VISION_BACKENDS}, got {options.vision_backend!r}")
+    checkpoint = Path(checkpoint).resolve()
+    output = Path(output).resolve()
+    geometry = ModelGeometry.from_checkpoint(checkpoint)
+    for name in ("vision_encoder", "llm", "vlm"):
+        if (output / name).exists():
+            shutil.rmtree(output / name)
+        (output / name / "1").mkdir(parents=True)
+
+    _build_vision(checkpoint, output / "vision_encoder", geometry, options)
+    _write(output / "llm", llm_config(checkpoint, options))
+    _write(output / "vlm", vlm_config(checkpoint, options))
+    return output
+
+
+def _build_vision(checkpoint: Path, model_dir: Path, geometry: ModelGeometry, options: BuildOptions) -> None:
+    from .export.vision import export_vision_onnx
+
+    version = model_dir / "1"
+    if options.vision_backend == "tensorrt":
+        from .export.tensorrt import require_tensorrt, build_tensorrt_engine
+
+        require_tensorrt()  # fail before the slow export if TensorRT is missing
+        onnx_path = export_vision_onnx(checkpoint, model_dir / "vision.onnx")
+        build_tensorrt_engine(onnx_path, version / "model.plan", geometry.vision.image_size,
+                              options.vision_max_batch_size)
+        (model_dir / "config.pbtxt").write_text(vision_config(geometry, options))
+        return
+    export_vision_onnx(checkpoint, version / "model.onnx")
+    _write(model_dir, vision_config(geometry, options))
+
+
+def _write(model_dir: Path, config: str) -> None:
+    (model_dir / "config.pbtxt").write_text(config)
+    shutil.copy2(ADAPTERS / model_dir.name / "1" / "model.py", model_dir / "1" / "model.py")
+
+
+def _params(values: dict) -> str:
+    return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
+
+
+def vision_config(g: ModelGeometry, o: BuildOptions) -> str:
+    size = g.vision.image_size
+    io = f"""input [ {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ {g.vision.num_channels}, {size}, {size} ] }} ]
+output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ {g.image_seq_len}, {g.text.hidden_size} ] }} ]
+max_batch_size: {o.vision_max_batch_size}
+dynamic_batching {{ max_queue_delay_microseconds: {o.vision_queue_delay_us} }}"""
+    if o.vision_backend == "tensorrt":
+        return f"""name: "vision_encoder"
+platform: "tensorrt_plan"
+default_model_filename: "model.plan"
+{io}
+instance_group [ {{ kind: KIND_GPU count: {o.vision_instances} }} ]
+"""
+    return f"""name: "vision_encoder"
+backend: "python"
+{io}
+instance_group [ {{ kind: KIND_CPU count: {o.vision_instances} }} ]
+{_params({"ort_intra_op_threads": o.ort_intra_op_threads})}
+"""
+
+
+def llm_config(checkpoint: Path, o: BuildOptions) -> str:
+    return f"""name: "llm"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
+  {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{_params({"checkpoint": checkpoint, **o.llm})}
+"""
+
+
+def vlm_config(checkpoint: Path, o: BuildOptions) -> str:
+    return f"""name: "vlm"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+]
+output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
+          "max_concurrent_requests": o.max_concurrent_requests})}
+"""

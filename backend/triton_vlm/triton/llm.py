@@ -1,0 +1,67 @@
+"""Triton adapter for the `llm` model: a decoupled Python-backend model around LLMEngine.
+
+execute() validates each request and hands it to the engine's loop thread, then returns at
+once; the loop streams each step's new token ids back through the request's response sender.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from ..engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from ..engine.sampling_params import SamplingParams
+from .params import error_response, model_parameters, optional_input, scalar
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ENGINE_KEYS = {"block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
+               "num_kv_blocks": int, "kv_cache_cpu_gib": float, "kv_cache_free_gpu_mem_fraction": float,
+               "device": str, "dtype": str}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        config = EngineConfig(**{k: cast(params[k]) for k, cast in ENGINE_KEYS.items() if params.get(k, "") != ""})
+        torch.set_num_threads(int(params.get("torch_threads") or torch.get_num_threads()))
+        self.engine = LLMEngine(params["checkpoint"], config)
+        self.engine.start()
+        pb_utils.Logger.log_info(f"llm: {self.engine.runner.num_blocks} KV blocks of {config.block_size} tokens "
+                                 f"on {self.engine.runner.device} ({self.engine.runner.dtype})")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                seq = self._sequence(request)
+            except ValueError as e:
+                sender.send(error_response(pb_utils, str(e)), flags=FINAL)
+                continue
+            self.engine.add(seq, _streamer(sender), is_cancelled=sender.is_cancelled)
+        return None
+
+    def _sequence(self, request):
+        ids = optional_input(pb_utils, request, "input_ids")
+        if ids is None:
+            raise ValueError("input_ids: required")
+        embeds = optional_input(pb_utils, request, "image_embeds")
+        if embeds is not None:
+            embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
+        raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
+        params = SamplingParams.from_json(raw)
+        return self.engine.make_sequence(self.engine.new_request_id(), ids.reshape(-1).tolist(), params, embeds)
+
+    def finalize(self):
+        self.engine.stop()
+
+
+def _streamer(sender):
+    def send(out: RequestOutput) -> None:
+        if out.error:
+            sender.send(error_response(pb_utils, out.error), flags=FINAL)
+            return
+        tensors = [pb_utils.Tensor("output_ids", np.asarray(out.new_token_ids, dtype=np.int64))]
+        if out.finished:
+            tensors.append(pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=object)))
+        sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
+    return send
