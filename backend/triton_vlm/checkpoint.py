@@ -69,15 +69,17 @@ def make_processor(tokenizer, image_size: int, patch_size: int, strategy: str = 
 
 def make_llava_config(tokenizer, *, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
                       hidden=64, layers=2, heads=4, kv_heads=2, head_dim=None, intermediate=128,
-                      vision_feature_layer=-2, strategy="default", max_positions=2048, tie=False, init_range=0.02):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+                      vision_feature_layer=-2, strategy="default", max_positions=2048, tie=False, init_range=0.02,
+                      text_model_type="llama"):
+    from transformers import CLIPVisionConfig, LlavaConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
                               num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
                               image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
                               initializer_range=init_range)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+    text = CONFIG_MAPPING[text_model_type](vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        head_dim=head_dim or hidden // heads, max_position_embeddings=max_positions,
                        bos_token_id=special["<s>"], eos_token_id=special["</s>"], pad_token_id=special["<pad>"],
@@ -102,14 +104,18 @@ def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
     return out
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None = None, **geometry) -> Path:
-    """A random LLaVA (CLIP tower + Llama decoder) small enough to run anywhere."""
+def make_tiny(out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None = None, init_range: float = 0.2,
+              **geometry) -> Path:
+    """A random LLaVA (CLIP tower + Llama decoder) small enough to run anywhere.
+
+    The wide init makes logits peaked, so greedy outputs are far from ties and comparable exactly.
+    """
     import torch
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus or DEFAULT_CORPUS, vocab_size=geometry.pop("vocab_size", 512))
-    config = make_llava_config(tokenizer, **geometry)
+    config = make_llava_config(tokenizer, init_range=init_range, **geometry)
     processor = make_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size,
                                config.vision_feature_select_strategy)
     model = LlavaForConditionalGeneration(config).eval()
