@@ -29,7 +29,9 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
         raise ValueError(f"{field}: not a decodable image (neither an image file nor base64 of one)") from None
     try:
         return _open(raw)
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        raise ValueError(f"{field}: base64 decoded but is not a decodable image") from None
+    except OSError as e:  # a known format, but truncated or corrupt
         raise ValueError(f"{field}: base64 decoded but is not a decodable image ({e})") from None
 
 

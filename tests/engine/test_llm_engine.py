@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import PROMPTS, HFReference, images_for
+from helpers import PROMPTS, HFReference, images_for
 from triton_vlm.checkpoint import make_tiny
 from triton_vlm.engine.llm_engine import EngineConfig, LLMEngine
 from triton_vlm.engine.sampling_params import SamplingParams

@@ -46,6 +46,14 @@ class RequestOutput(NamedTuple):
     error: str | None = None
 
 
+class EngineStats(NamedTuple):
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+
+
 OutputCallback = Callable[[RequestOutput], None]
 
 
@@ -71,6 +79,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
+        self.on_step: Callable[[EngineStats], None] | None = None  # e.g. to export metrics
 
     # ---- the public surface -------------------------------------------------
     def new_request_id(self) -> str:
@@ -106,6 +115,11 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0 or not self._inbox.empty()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(self.pool.num_blocks - self.pool.num_free, self.pool.num_blocks, len(s.running),
+                           len(s.waiting), s.num_preemptions)
 
     def check(self) -> None:
         """Assert the block pool agrees with every live block table."""
@@ -146,8 +160,13 @@ class LLMEngine:
                 self._wake.clear()
                 continue
             self.step()
+            if self.on_step:
+                self.on_step(self.stats())
             if not self.has_work():
-                self.check()  # cheap when idle, and catches leaks early
+                try:
+                    self.check()  # cheap when idle, and catches leaks early
+                except AssertionError:
+                    log.exception("block pool invariant broken")
 
     def step(self) -> None:
         self._drain_inbox()

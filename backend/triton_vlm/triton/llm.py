@@ -25,6 +25,9 @@ class TritonPythonModel:
         config = EngineConfig(**{k: cast(params[k]) for k, cast in ENGINE_KEYS.items() if params.get(k, "") != ""})
         torch.set_num_threads(int(params.get("torch_threads") or torch.get_num_threads()))
         self.engine = LLMEngine(params["checkpoint"], config)
+        self._families, gauges = _gauges()
+        self.engine.on_step = lambda stats: [g.set(v) for g, v in zip(gauges, stats)]
+        self.engine.on_step(self.engine.stats())
         self.engine.start()
         pb_utils.Logger.log_info(f"llm: {self.engine.runner.num_blocks} KV blocks of {config.block_size} tokens "
                                  f"on {self.engine.runner.device} ({self.engine.runner.dtype})")
@@ -53,6 +56,17 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+
+
+def _gauges():
+    """Prometheus gauges on Triton's metrics port, in EngineStats order."""
+    names = [("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
+             ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
+             ("preemptions", "sequences preempted so far")]
+    # A family must outlive its metrics, so both are kept.
+    families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
+                for n, d in names]
+    return families, [f.Metric(labels={"model": "llm"}) for f in families]
 
 
 def _streamer(sender):

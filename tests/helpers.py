@@ -1,0 +1,71 @@
+"""Helpers shared by the tests: prompts, images, and transformers' LLaVA as the reference."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+# A second geometry: wider GQA ratio, head_dim not hidden/heads, last-layer features with CLS kept.
+SECOND_GEOMETRY = dict(heads=8, kv_heads=2, head_dim=12, hidden=48, vision_feature_layer=-1, strategy="full",
+                       image_size=48, patch_size=16, layers=3)
+
+
+def photo(name: str, fmt: str = "PNG") -> bytes:
+    """A real photo shipped inside scikit-image, re-encoded."""
+    import skimage.data
+    from PIL import Image
+
+    arr = getattr(skimage.data, name)()
+    img = Image.fromarray(arr).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+class HFReference:
+    """Greedy outputs of transformers' own LLaVA for a checkpoint: the ground truth we must match."""
+
+    def __init__(self, checkpoint: Path):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+
+    def inputs(self, prompt: str, images: list[bytes]):
+        from triton_vlm.preprocess import decode_image
+
+        pil = [decode_image(b) for b in images]
+        return self.processor(text=prompt, images=pil or None, return_tensors="pt")
+
+    def generate_ids(self, prompt: str, images: list[bytes], max_new_tokens: int) -> list[int]:
+        import torch
+
+        inputs = self.inputs(prompt, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> str:
+        ids = self.generate_ids(prompt, images, max_new_tokens)
+        return self.processor.decode(ids, skip_special_tokens=True)
+
+
+PROMPTS = {
+    0: "USER: Tell me a story about a cat.\nASSISTANT:",
+    1: "USER: <image>\nWhat is in this picture?\nASSISTANT:",
+    2: "USER: <image>\n<image>\nHow do these two pictures differ?\nASSISTANT:",
+}
+
+
+def images_for(n: int, photos: dict[str, bytes]) -> list[bytes]:
+    return [photos["chelsea"], photos["astronaut"]][:n]
+
+
+def rng_image(seed: int, size=(40, 60)) -> bytes:
+    from PIL import Image
+
+    arr = (np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,130 @@
+"""End to end through a real tritonserver: HF parity, batching, bad input, clean shutdown."""
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import PROMPTS, images_for, rng_image
+from triton_vlm import client
+
+MAX_TOKENS = 24
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
+
+
+def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], sampling=GREEDY) -> str:
+    if protocol == "grpc":
+        return client.generate_grpc(server.grpc_url, prompt, images, sampling, stream=stream)
+    if stream:
+        return "".join(client.stream_http(server.http_url, prompt, images, sampling))
+    return client.generate_http(server.http_url, prompt, images, sampling)
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+    assert match, f"{name} not exported"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "nostream"])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_greedy_output_equals_hf(tiny_server, hf_tiny, photos, protocol, stream, n_images):
+    prompt, images = PROMPTS[n_images], images_for(n_images, photos)
+    expected = hf_tiny.generate(prompt, images, MAX_TOKENS)
+    assert ask(tiny_server, protocol, stream, prompt, images) == expected
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_second_geometry_equals_hf(second_server, hf_second, photos, protocol, n_images):
+    prompt, images = PROMPTS[n_images], images_for(n_images, photos)
+    expected = hf_second.generate(prompt, images, MAX_TOKENS)
+    assert ask(second_server, protocol, protocol == "grpc", prompt, images) == expected
+
+
+def test_streaming_sends_deltas(tiny_server, photos):
+    pieces = list(client.stream_grpc(tiny_server.grpc_url, PROMPTS[1], images_for(1, photos), GREEDY))
+    assert len(pieces) > 1
+    assert "".join(pieces) == client.generate_grpc(tiny_server.grpc_url, PROMPTS[1], images_for(1, photos),
+                                                   GREEDY, stream=False)
+
+
+def test_prompt_is_prepended_unless_excluded(tiny_server, photos):
+    images = images_for(1, photos)
+    answer = client.generate_grpc(tiny_server.grpc_url, PROMPTS[1], images, GREEDY, stream=False)
+    full = client.generate_grpc(tiny_server.grpc_url, PROMPTS[1], images, GREEDY, stream=False, exclude_input=False)
+    assert full == PROMPTS[1] + answer
+
+
+def test_base64_and_data_url_images_equal_raw_bytes(tiny_server, photos):
+    import base64
+
+    raw = photos["coffee"]
+    b64 = base64.b64encode(raw)
+    answers = {client.generate_grpc(tiny_server.grpc_url, PROMPTS[1], [img], GREEDY)
+               for img in (raw, b64, b"data:image/png;base64," + b64)}
+    assert len(answers) == 1
+
+
+def test_concurrent_requests_each_return_their_solo_output(tiny_server, hf_tiny, photos):
+    cases = []
+    for i in range(10):
+        n = i % 3
+        images = [rng_image(100 + i + k) for k in range(n)]
+        prompt = PROMPTS[n].replace("ASSISTANT:", " " + "please " * i + "\nASSISTANT:")
+        sampling = {"max_tokens": 8 + 3 * i, "temperature": 0}
+        cases.append((prompt, images, sampling))
+    solo = [hf_tiny.generate(p, imgs, s["max_tokens"]) for p, imgs, s in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = [pool.submit(client.generate_grpc, tiny_server.grpc_url, p, imgs, s) for p, imgs, s in cases]
+        together = [f.result() for f in futures]
+    assert together == solo
+    deadline = time.monotonic() + 10
+    while metric(tiny_server, "triton_vlm_kv_blocks_used") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(tiny_server, "triton_vlm_kv_blocks_used") == 0
+    assert metric(tiny_server, "triton_vlm_kv_blocks_total") == 512
+
+
+BAD_REQUESTS = [
+    # Over HTTP the client base64-encodes every image, so the server reports the decoded payload.
+    (PROMPTS[1], [b"definitely not an image"], GREEDY, r"image\[0\]: .*not a decodable image"),
+    (PROMPTS[1], [b"\x89PNG\r\n\x1a\n" + b"\0" * 40], GREEDY, r"image\[0\]: .*not a decodable image"),
+    (PROMPTS[1], [b"iVBORw0KGgoAAAANSUhEUgAA"], GREEDY, r"image\[0\]: base64 decoded but is not a decodable image"),
+    (PROMPTS[1], ["two", "images"], GREEDY, r"image: 2 image\(s\) sent but text_input has 1 <image> placeholder"),
+    (PROMPTS[2], ["one"], GREEDY, r"image: 1 image\(s\) sent but text_input has 2 <image> placeholder"),
+    (PROMPTS[0], [], {"temperature": -1}, r"sampling_parameters.temperature: must be >= 0"),
+    (PROMPTS[0], [], {"max_tokens": "many"}, r"sampling_parameters.max_tokens: invalid value"),
+    (PROMPTS[0], [], {"presence_penalty": 0.5}, r"sampling_parameters.presence_penalty: not supported yet"),
+    (PROMPTS[0], [], {"temprature": 0.5}, r"sampling_parameters.temprature: unknown sampling parameter"),
+    ("USER: " + "word " * 5000 + "\nASSISTANT:", [], GREEDY, r"input_ids: prompt has \d+ tokens"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("prompt,images,sampling,message", BAD_REQUESTS)
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(tiny_server, hf_tiny, photos, protocol,
+                                                                   prompt, images, sampling, message):
+    images = [i.encode() if isinstance(i, str) else i for i in images]
+    with pytest.raises(client.VLMError, match=message):
+        ask(tiny_server, protocol, protocol == "grpc", prompt, images, sampling)
+    good = images_for(1, photos)
+    assert ask(tiny_server, protocol, True, PROMPTS[1], good) == hf_tiny.generate(PROMPTS[1], good, MAX_TOKENS)
+
+
+def test_vllm_backend_style_string_parameters(tiny_server, hf_tiny):
+    # Triton vLLM-backend examples send numbers as strings.
+    out = client.generate_grpc(tiny_server.grpc_url, PROMPTS[0], [], {"max_tokens": "5", "temperature": "0"})
+    assert out == hf_tiny.generate(PROMPTS[0], [], 5)
+
+
+def test_default_max_tokens_is_vllms_16(tiny_server, hf_tiny):
+    ids = hf_tiny.generate_ids(PROMPTS[0], [], 16)
+    out = client.generate_grpc(tiny_server.grpc_url, PROMPTS[0], [], {"temperature": 0, "ignore_eos": True})
+    assert len(hf_tiny.processor.tokenizer(out, add_special_tokens=False)["input_ids"]) > 0
+    assert out == hf_tiny.generate(PROMPTS[0], [], 16) or len(ids) < 16
