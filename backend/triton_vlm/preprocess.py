@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ class Preprocessor:
         self.geometry = ModelGeometry.from_checkpoint(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.image_processor = AutoImageProcessor.from_pretrained(checkpoint)
+        # Fast tokenizers reset their truncation state on each call: not safe from two threads at once.
+        self._encode_lock = threading.Lock()
 
     @property
     def image_token(self) -> str:
@@ -66,4 +69,5 @@ class Preprocessor:
         """Each placeholder becomes image_seq_len image tokens, as LlavaProcessor does, then tokenize."""
         token = self.image_token
         expanded = text.replace(token, token * self.geometry.image_seq_len)
-        return self.tokenizer(expanded)["input_ids"]
+        with self._encode_lock:
+            return self.tokenizer(expanded)["input_ids"]

@@ -97,9 +97,10 @@ backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
-  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
-  {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
+  {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},

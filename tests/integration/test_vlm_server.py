@@ -128,3 +128,31 @@ def test_default_max_tokens_is_vllms_16(tiny_server, hf_tiny):
     out = client.generate_grpc(tiny_server.grpc_url, PROMPTS[0], [], {"temperature": 0, "ignore_eos": True})
     assert len(hf_tiny.processor.tokenizer(out, add_special_tokens=False)["input_ids"]) > 0
     assert out == hf_tiny.generate(PROMPTS[0], [], 16) or len(ids) < 16
+
+
+def test_cancelled_stream_is_aborted_and_frees_its_blocks(tiny_server):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    long_run = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+    results: queue.Queue = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    grpc.start_stream(callback=lambda result, error: results.put((result, error)))
+    grpc.async_stream_infer("vlm", client._grpc_inputs(PROMPTS[0], [], True, long_run, True))
+    for _ in range(3):
+        result, error = results.get(timeout=60)
+        assert error is None
+    assert metric(tiny_server, "triton_vlm_requests_running") == 1
+    grpc.stop_stream(cancel_requests=True)
+    grpc.close()
+    cancelled_at = time.monotonic()
+    while metric(tiny_server, "triton_vlm_requests_running") != 0 and time.monotonic() - cancelled_at < 30:
+        time.sleep(0.05)
+    aborted_after = time.monotonic() - cancelled_at
+    assert metric(tiny_server, "triton_vlm_kv_blocks_used") == 0
+    # Running to the end would take far longer than an abort does: time the full run for comparison.
+    started = time.monotonic()
+    client.generate_grpc(tiny_server.grpc_url, PROMPTS[0], [], long_run, stream=False)
+    full_run = time.monotonic() - started
+    assert aborted_after < full_run / 3, (aborted_after, full_run)

@@ -19,6 +19,7 @@ class AttentionMetadata:
     query_starts: list[int]  # offset of each sequence's new tokens in the flat batch
     query_lens: list[int]
     context_lens: list[int]  # tokens in the cache per sequence after this step
+    context_lens_tensor: torch.Tensor  # the same, on the device, for the batched decode mask
     block_tables: torch.Tensor  # [B, max_blocks], padded with 0
     all_decode: bool  # every sequence adds exactly one token: take the batched path
 
@@ -60,8 +61,7 @@ def _decode_attention(q, k_cache, v_cache, meta, scale):
     tables = meta.block_tables  # [B, max_blocks]
     k = k_cache[tables].flatten(1, 2)  # [B, max_blocks * block_size, kv_heads, head_dim]
     v = v_cache[tables].flatten(1, 2)
-    ctx = torch.tensor(meta.context_lens, device=q.device)
-    mask = torch.arange(k.shape[1], device=q.device)[None, :] < ctx[:, None]  # [B, S]
+    mask = torch.arange(k.shape[1], device=q.device)[None, :] < meta.context_lens_tensor[:, None]  # [B, S]
     o = F.scaled_dot_product_attention(q.view(bsz, -1, 1, q.shape[-1]), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], scale=scale,
                                        enable_gqa=q.shape[1] != k.shape[2])

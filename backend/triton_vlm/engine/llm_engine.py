@@ -226,6 +226,10 @@ class LLMEngine:
         while not self._inbox.empty():
             kind, item, on_output, is_cancelled = self._inbox.get()
             if kind == "add":
+                if item.request_id in self._seqs:
+                    on_output(RequestOutput(item.request_id, [], True, "error",
+                                            f"request id {item.request_id!r} is already in flight"))
+                    continue
                 self._callbacks[item.request_id] = on_output
                 self._seqs[item.request_id] = item
                 if is_cancelled:

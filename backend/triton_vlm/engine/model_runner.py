@@ -101,5 +101,6 @@ class ModelRunner:
         for i, seq in enumerate(batch.seqs):
             tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table)
         return AttentionMetadata(slot_mapping=slot_mapping, query_starts=starts, query_lens=list(batch.num_new_tokens),
-                                 context_lens=ctx_lens, block_tables=tables.to(self.device),
+                                 context_lens=ctx_lens, context_lens_tensor=torch.tensor(ctx_lens, device=self.device),
+                                 block_tables=tables.to(self.device),
                                  all_decode=all(n == 1 for n in batch.num_new_tokens))

@@ -35,6 +35,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if scalar(optional_input(pb_utils, request, "abort"), "abort", False):
+                # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.
+                self.engine.abort(request.request_id())
+                sender.send(flags=FINAL)
+                continue
             try:
                 seq = self._sequence(request)
             except ValueError as e:
@@ -52,7 +57,9 @@ class TritonPythonModel:
             embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
         raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
         params = SamplingParams.from_json(raw)
-        return self.engine.make_sequence(self.engine.new_request_id(), ids.reshape(-1).tolist(), params, embeds)
+        # The caller's id, when given, is what `abort` names; engine ids stay unique either way.
+        request_id = request.request_id() or self.engine.new_request_id()
+        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds)
 
     def finalize(self):
         self.engine.stop()

@@ -6,6 +6,7 @@ into text deltas. Inputs mirror Triton's vLLM backend so its clients work unchan
 """
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -57,7 +58,8 @@ class TritonPythonModel:
                   pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
-        llm_request = pb_utils.InferenceRequest(model_name="llm", inputs=inputs,
+        request_id = uuid.uuid4().hex
+        llm_request = pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                                 requested_output_names=["output_ids", "finish_reason"])
         detok = Detokenizer(self.pre.tokenizer)
         pieces = []
@@ -67,13 +69,12 @@ class TritonPythonModel:
                 raise RequestError(f"llm: {response.error().message()}")
             ids = pb_utils.get_output_tensor_by_name(response, "output_ids")
             delta = detok.add(ids.as_numpy().tolist()) if ids is not None else ""
-            if stream and delta:
-                sender.send(_text_response(delta))
-            else:
+            if not stream:
                 pieces.append(delta)
-            if stream and sender.is_cancelled():
-                if hasattr(responses, "cancel"):
-                    responses.cancel()
+            elif delta:
+                sender.send(_text_response(delta))
+            if sender.is_cancelled():
+                self._abort_llm(request_id)
                 return
         tail = detok.flush()
         if stream:
@@ -104,6 +105,13 @@ class TritonPythonModel:
         except ValueError as e:
             raise RequestError(str(e)) from None
         return prompt, images, stream, params, exclude
+
+    def _abort_llm(self, request_id: str) -> None:
+        """Stop the llm stream of a request whose client went away, freeing its KV blocks now."""
+        abort = pb_utils.InferenceRequest(model_name="llm", request_id=request_id, requested_output_names=[],
+                                          inputs=[pb_utils.Tensor("abort", np.array([True]))])
+        for _ in abort.exec(decoupled=True):
+            pass
 
     def _embed_images(self, images) -> np.ndarray:
         pixels = self.pre.pixel_values(images)

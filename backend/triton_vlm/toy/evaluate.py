@@ -1,0 +1,162 @@
+"""Exact-match evaluation of the toy VLM, in process (HF transformers) or through Triton."""
+from __future__ import annotations
+
+import io
+import json
+import queue
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from PIL import Image
+
+from triton_vlm.toy.scenes import QTYPES, held_out
+
+# Minimum exact-match accuracy per question type; captions are reported, not gated.
+TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "spatial": 0.85}
+MAX_TOKENS = 16
+
+Predict = Callable[[Image.Image, str], str]  # (image, chat-formatted prompt) -> answer text
+
+
+@dataclass
+class Result:
+    qtype: str
+    question: str
+    answer: str
+    prediction: str
+
+    @property
+    def correct(self) -> bool:
+        return self.prediction.strip() == self.answer
+
+
+def chat_prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def image_size(processor) -> int:
+    return processor.image_processor.crop_size["height"]
+
+
+def hf_predictor(model, processor, max_tokens: int = MAX_TOKENS) -> Predict:
+    import torch
+
+    @torch.inference_mode()
+    def predict(image: Image.Image, prompt: str) -> str:
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    return predict
+
+
+def load_hf(checkpoint: str):
+    """(model, processor) from a checkpoint directory, float32 on CPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, processor
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class TritonVLM:
+    """Streams one request at a time to the `vlm` model over gRPC and joins the text deltas."""
+
+    def __init__(self, url: str, model: str = "vlm", max_tokens: int = MAX_TOKENS, timeout: float = 120.0):
+        import tritonclient.grpc as grpcclient
+
+        self.grpc = grpcclient
+        self.model = model
+        self.max_tokens = max_tokens
+        self.timeout = timeout
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        self.next_id = 0
+
+    def inputs(self, prompt: str, images: list[bytes]):
+        import numpy as np
+
+        g = self.grpc
+        params = json.dumps({"max_tokens": self.max_tokens, "temperature": 0})
+        arrays = {
+            "text_input": np.array([prompt.encode()], dtype=np.object_),
+            "image": np.array(images, dtype=np.object_),
+            "stream": np.array([True]),
+            "sampling_parameters": np.array([params.encode()], dtype=np.object_),
+            "exclude_input_in_output": np.array([True]),
+        }
+        out = []
+        for name, arr in arrays.items():
+            t = g.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "BYTES")
+            t.set_data_from_numpy(arr)
+            out.append(t)
+        return out
+
+    def __call__(self, image: Image.Image, prompt: str) -> str:
+        self.next_id += 1
+        rid = str(self.next_id)
+        self.client.async_stream_infer(self.model, self.inputs(prompt, [png_bytes(image)]), request_id=rid,
+                                       outputs=[self.grpc.InferRequestedOutput("text_output")],
+                                       enable_empty_final_response=True)
+        pieces = []
+        while True:
+            result, error = self.responses.get(timeout=self.timeout)
+            if error is not None:
+                raise RuntimeError(f"Triton request {rid} failed: {error}")
+            response = result.get_response()
+            if response.id != rid:
+                raise RuntimeError(f"response for request {response.id!r} while waiting for {rid!r}")
+            text = result.as_numpy("text_output")
+            if text is not None:
+                pieces.extend(t.decode() if isinstance(t, bytes) else str(t) for t in text.reshape(-1))
+            if response.parameters["triton_final_response"].bool_param:
+                return "".join(pieces).strip()
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def evaluate(predict: Predict, processor, n: int = 500, seed: int = 0) -> list[Result]:
+    prompts: dict[str, str] = {}
+    results = []
+    for image, question, answer, qtype in held_out(n, image_size(processor), seed):
+        prompt = prompts.setdefault(question, chat_prompt(processor, question))
+        results.append(Result(qtype, question, answer, predict(image, prompt)))
+    return results
+
+
+def accuracy(results: Iterable[Result]) -> dict[str, tuple[int, int]]:
+    """qtype -> (n, correct), plus "overall"."""
+    stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in results:
+        for key in (r.qtype, "overall"):
+            stats[key][0] += 1
+            stats[key][1] += r.correct
+    order = [q for q in QTYPES if q in stats] + ["overall"]
+    return {k: (stats[k][0], stats[k][1]) for k in order if k in stats}
+
+
+def table(results: list[Result], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'type':<10}{'n':>6}{'correct':>9}{'accuracy':>10}{'target':>8}")
+    for qtype, (n, ok) in accuracy(results).items():
+        target = f"{TARGETS[qtype]:.0%}" if qtype in TARGETS else "-"
+        lines.append(f"{qtype:<10}{n:>6}{ok:>9}{ok / n:>10.1%}{target:>8}")
+    return "\n".join(lines)
+
+
+def missed_targets(results: list[Result]) -> list[str]:
+    acc = accuracy(results)
+    return [f"{q}: {acc[q][1] / acc[q][0]:.1%} < {t:.0%}" for q, t in TARGETS.items()
+            if q in acc and acc[q][1] / acc[q][0] < t]

@@ -1,0 +1,176 @@
+"""Synthetic scenes of coloured shapes and questions about them, for the toy VLM.
+
+Everything is drawn from a caller-supplied `random.Random`, so a seed fixes the stream.
+Each shape type and each colour occurs at most once per image, which keeps every question
+unambiguous, and centres are spread apart horizontally so "left of" is never a close call.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 150, 40),
+    "blue": (30, 60, 225),
+    "yellow": (240, 200, 0),
+    "purple": (135, 40, 175),
+    "orange": (250, 125, 0),
+}
+NUMBERS = ("zero", "one", "two", "three")
+QTYPES = ("colour", "shape", "count", "spatial", "caption")
+
+MAX_SHAPES = 3
+SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges without a raster library
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    x: float  # centre, as a fraction of the image side
+    y: float
+    r: float  # outer radius, as a fraction of the image side
+
+
+@dataclass
+class Scene:
+    shapes: list[Shape]
+    background: tuple[int, int, int]
+    noise: float  # std of the background noise, in 0..255 units
+    noise_seed: int
+    jitter: list[tuple[int, int, int]] = field(default_factory=list)  # per-shape colour offsets
+
+    def with_colour(self, kind: str, colour: str) -> "Scene":
+        """The same scene with one shape recoloured (everything else, noise included, kept)."""
+        return replace(self, shapes=[replace(s, colour=colour) if s.kind == kind else s for s in self.shapes])
+
+
+def sample_scene(rng: random.Random, n: int | None = None) -> Scene:
+    n = n or rng.randint(1, MAX_SHAPES)
+    kinds = rng.sample(SHAPES, n)
+    colours = rng.sample(list(COLOURS), n)
+    while True:  # rejection sampling; a handful of tries at most for three shapes
+        shapes = [Shape(k, c, 0.0, 0.0, rng.uniform(0.13, 0.19)) for k, c in zip(kinds, colours)]
+        for s in shapes:
+            s.x = rng.uniform(s.r + 0.02, 1 - s.r - 0.02)
+            s.y = rng.uniform(s.r + 0.02, 1 - s.r - 0.02)
+        if _well_separated(shapes):
+            break
+    background = tuple(rng.randint(200, 255) for _ in range(3))
+    noise = rng.choice([0.0, rng.uniform(2.0, 8.0)])
+    jitter = [tuple(rng.randint(-15, 15) for _ in range(3)) for _ in shapes]
+    return Scene(shapes, background, noise, rng.getrandbits(32), jitter)
+
+
+def _well_separated(shapes: list[Shape]) -> bool:
+    for i, a in enumerate(shapes):
+        for b in shapes[i + 1:]:
+            if math.hypot(a.x - b.x, a.y - b.y) < a.r + b.r + 0.04:
+                return False
+            if abs(a.x - b.x) < 0.12:
+                return False
+    return True
+
+
+def _outline(s: Shape, side: float) -> list[tuple[float, float]]:
+    cx, cy, r = s.x * side, s.y * side, s.r * side
+    if s.kind == "square":
+        h = 0.8 * r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if s.kind == "triangle":
+        return [(cx + r * math.cos(a), cy + 0.15 * r - r * math.sin(a))
+                for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
+    if s.kind == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else 0.45 * r
+            a = math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy - rad * math.sin(a)))
+        return pts
+    raise ValueError(s.kind)
+
+
+def render(scene: Scene, size: int) -> Image.Image:
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(img)
+    for s, jit in zip(scene.shapes, scene.jitter or [(0, 0, 0)] * len(scene.shapes)):
+        fill = tuple(min(255, max(0, c + j)) for c, j in zip(COLOURS[s.colour], jit))
+        if s.kind == "circle":
+            cx, cy, r = s.x * big, s.y * big, 0.85 * s.r * big
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_outline(s, big), fill=fill)
+    img = img.resize((size, size), Image.BOX)
+    if scene.noise > 0:
+        arr = np.asarray(img, dtype=np.float32)
+        arr += np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, arr.shape)
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    return img
+
+
+def caption(scene: Scene) -> str:
+    """Shapes from left to right: "a red circle, an orange star and a blue square"."""
+    parts = [f"{'an' if s.colour[0] in 'aeiou' else 'a'} {s.colour} {s.kind}"
+             for s in sorted(scene.shapes, key=lambda s: s.x)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) pair of the given type about the scene."""
+    shapes = scene.shapes
+    if qtype == "colour":
+        s = rng.choice(shapes)
+        return f"What colour is the {s.kind}?", s.colour
+    if qtype == "shape":
+        s = rng.choice(shapes)
+        if len(shapes) == 1 and rng.random() < 0.5:
+            return "What shape is in the image?", s.kind
+        return f"What shape is {s.colour}?", s.kind
+    if qtype == "count":
+        return "How many shapes are there?", NUMBERS[len(shapes)]
+    if qtype == "spatial":
+        a, b = rng.sample(shapes, 2)
+        if rng.random() < 0.5:
+            return f"Is the {a.kind} left of the {b.kind}?", "yes" if a.x < b.x else "no"
+        return f"Is the {a.kind} right of the {b.kind}?", "yes" if a.x > b.x else "no"
+    if qtype == "caption":
+        return "Describe the image.", caption(scene)
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def sample_pair(rng: random.Random, image_size: int, qtype: str | None = None) -> tuple[Image.Image, str, str, str]:
+    """(image, question, answer, qtype); spatial questions get scenes of two or more shapes."""
+    qtype = qtype or rng.choice(QTYPES)
+    scene = sample_scene(rng, rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
+    question, answer = ask(scene, qtype, rng)
+    return render(scene, image_size), question, answer, qtype
+
+
+def held_out(n: int, image_size: int, seed: int = 0):
+    """`n` evaluation pairs, question types in turn; the stream is disjoint from training's."""
+    rng = random.Random(f"eval-{seed}")
+    for i in range(n):
+        yield sample_pair(rng, image_size, QTYPES[i % len(QTYPES)])
+
+
+def training_rng(seed: int) -> random.Random:
+    return random.Random(f"train-{seed}")
+
+
+def all_questions() -> list[str]:
+    qs = ["What shape is in the image?", "How many shapes are there?", "Describe the image."]
+    qs += [f"What colour is the {k}?" for k in SHAPES]
+    qs += [f"What shape is {c}?" for c in COLOURS]
+    qs += [f"Is the {a} {rel} of the {b}?" for a in SHAPES for b in SHAPES if a != b for rel in ("left", "right")]
+    return qs
+
+
+def all_answer_words() -> list[str]:
+    return list(COLOURS) + list(SHAPES) + list(NUMBERS[1:]) + ["yes", "no", "a", "an", "and", ","]
