@@ -5,21 +5,19 @@ Optional config parameter `ort_intra_op_threads` (0 = onnxruntime's default).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "image_embeds"
+from ..export.vision import INPUT_NAME, OUTPUT_NAME
+from .params import model_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        threads = int(config.get("parameters", {}).get("ort_intra_op_threads", {}).get("string_value") or 0)
+        threads = int(model_parameters(args).get("ort_intra_op_threads") or 0)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
