@@ -15,10 +15,13 @@ VPY=.venv/bin/python
 stamp=.venv/.triton-vlm-deps
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # This machine image keeps the CPU torch wheel on disk: use it rather than a multi-GB CUDA build.
+  find_links=()
+  [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
   "$VPY" -m pip install --quiet --upgrade pip
   # torch first, pinned, so nothing later pulls a CUDA build.
-  "$VPY" -m pip install --quiet "torch==2.13.0"
-  "$VPY" -m pip install --quiet -e ".[test]"
+  "$VPY" -m pip install --quiet "${find_links[@]}" "torch==2.13.0"
+  "$VPY" -m pip install --quiet "${find_links[@]}" -e ".[test]"
   echo "$want" > "$stamp"
 fi
 
