@@ -18,7 +18,9 @@ class VLMError(RuntimeError):
     """The server answered the request with an error."""
 
 
-def _grpc_inputs(prompt: str, images: list[bytes], stream: bool, sampling: dict | None, exclude_input: bool):
+def grpc_inputs(prompt: str, images: list[bytes] = (), stream: bool = True, sampling: dict | None = None,
+                exclude_input: bool = True, returns: tuple[str, ...] = ()):
+    """The vlm request tensors; `returns` names optional outputs, e.g. ("finish_reason",)."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, array, dtype):
@@ -30,36 +32,42 @@ def _grpc_inputs(prompt: str, images: list[bytes], stream: bool, sampling: dict 
               tensor("stream", np.array([stream]), "BOOL"),
               tensor("exclude_input_in_output", np.array([exclude_input]), "BOOL")]
     if images:
-        inputs.append(tensor("image", np.array(images, dtype=object), "BYTES"))
+        inputs.append(tensor("image", np.array(list(images), dtype=object), "BYTES"))
     if sampling is not None:
         inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=object), "BYTES"))
+    inputs += [tensor(f"return_{name}", np.array([True]), "BOOL") for name in returns]
     return inputs
 
 
-def stream_grpc(url: str, prompt: str, images: list[bytes] = (), sampling: dict | None = None,
-                stream: bool = True, exclude_input: bool = True, timeout: float = 600) -> Iterator[str]:
-    """Yield text as the server sends it (one piece when stream=False)."""
+def stream_grpc_results(url: str, inputs, timeout: float = 600) -> Iterator:
+    """Send one request over the gRPC stream; yield each InferResult until the final one."""
     import tritonclient.grpc as grpcclient
 
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        client.async_stream_infer(MODEL, _grpc_inputs(prompt, list(images), stream, sampling, exclude_input),
-                                  request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        client.async_stream_infer(MODEL, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
                 raise VLMError(str(error))
-            out = result.as_numpy("text_output")
-            if out is not None:
-                for piece in out.reshape(-1):
-                    yield piece.decode()
+            yield result
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return
     finally:
         client.stop_stream()
         client.close()
+
+
+def stream_grpc(url: str, prompt: str, images: list[bytes] = (), sampling: dict | None = None,
+                stream: bool = True, exclude_input: bool = True, timeout: float = 600) -> Iterator[str]:
+    """Yield text as the server sends it (one piece when stream=False)."""
+    for result in stream_grpc_results(url, grpc_inputs(prompt, images, stream, sampling, exclude_input), timeout):
+        out = result.as_numpy("text_output")
+        if out is not None:
+            for piece in out.reshape(-1):
+                yield piece.decode()
 
 
 def generate_grpc(url: str, prompt: str, images: list[bytes] = (), sampling: dict | None = None,

@@ -121,9 +121,17 @@ input [
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
-  {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_num_input_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
-output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }} ]
+output [
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "num_input_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }},
+  {{ name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }}
+]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
           "max_concurrent_requests": o.max_concurrent_requests})}

@@ -101,6 +101,9 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
             "--allow-metrics=true",
+            # Python-backend shared-memory regions are named from this prefix; two servers on one
+            # host with the same prefix corrupt each other's tensors.
+            f"--backend-config=python,shm-region-prefix-name=triton_vlm_{os.getpid()}_{self.ports.grpc}_",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={1 if self.verbose else 0}",

@@ -139,7 +139,7 @@ def test_cancelled_stream_is_aborted_and_frees_its_blocks(tiny_server):
     results: queue.Queue = queue.Queue()
     grpc = grpcclient.InferenceServerClient(tiny_server.grpc_url)
     grpc.start_stream(callback=lambda result, error: results.put((result, error)))
-    grpc.async_stream_infer("vlm", client._grpc_inputs(PROMPTS[0], [], True, long_run, True))
+    grpc.async_stream_infer("vlm", client.grpc_inputs(PROMPTS[0], [], True, long_run))
     for _ in range(3):
         result, error = results.get(timeout=60)
         assert error is None
@@ -156,3 +156,17 @@ def test_cancelled_stream_is_aborted_and_frees_its_blocks(tiny_server):
     client.generate_grpc(tiny_server.grpc_url, PROMPTS[0], [], long_run, stream=False)
     full_run = time.monotonic() - started
     assert aborted_after < full_run / 3, (aborted_after, full_run)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "nostream"])
+def test_vllm_backend_optional_outputs(tiny_server, hf_tiny, photos, stream):
+    images = images_for(1, photos)
+    n_prompt = hf_tiny.inputs(PROMPTS[1], images)["input_ids"].shape[1]
+    inputs = client.grpc_inputs(PROMPTS[1], images, stream, {"max_tokens": 5, "temperature": 0, "ignore_eos": True},
+                                returns=("finish_reason", "num_input_tokens", "num_output_tokens"))
+    results = [r for r in client.stream_grpc_results(tiny_server.grpc_url, inputs) if r.as_numpy("text_output") is not None]
+    reasons = [r.as_numpy("finish_reason")[0].decode() for r in results]
+    assert reasons[-1] == "length" and all(r == "" for r in reasons[:-1])
+    assert all(r.as_numpy("num_input_tokens")[0] == n_prompt for r in results)
+    assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == 5
+    assert len(results) > 1 if stream else len(results) == 1

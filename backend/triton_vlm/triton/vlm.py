@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,6 +19,17 @@ from ..preprocess import Preprocessor, decode_image
 from .params import error_response, model_parameters, optional_input, scalar, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
+
+
+class VLMRequest(NamedTuple):
+    prompt: str
+    images: list
+    stream: bool
+    params: SamplingParams
+    exclude_input: bool
+    extra_outputs: tuple[str, ...]
 
 
 class RequestError(ValueError):
@@ -51,40 +63,62 @@ class TritonPythonModel:
             sender.send(error_response(pb_utils, f"internal error: {e}"), flags=FINAL)
 
     def _generate(self, request, sender):
-        prompt, images, stream, params, exclude_input = self._parse(request)
-        embeds = self._embed_images(images) if images else None
-        input_ids = np.asarray(self.pre.input_ids(prompt), dtype=np.int64)
+        req = self._parse(request)
+        embeds = self._embed_images(req.images) if req.images else None
+        input_ids = np.asarray(self.pre.input_ids(req.prompt), dtype=np.int64)
         inputs = [pb_utils.Tensor("input_ids", input_ids),
-                  pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
+                  pb_utils.Tensor("sampling_parameters", np.array([req.params.to_json().encode()], dtype=object))]
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
         request_id = uuid.uuid4().hex
         llm_request = pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                                 requested_output_names=["output_ids", "finish_reason"])
         detok = Detokenizer(self.pre.tokenizer)
-        pieces = []
-        responses = llm_request.exec(decoupled=True)
-        for response in responses:
+        pieces, unsent_tokens, total_tokens, reason = [], 0, 0, None
+        for response in llm_request.exec(decoupled=True):
             if response.has_error():
                 raise RequestError(f"llm: {response.error().message()}")
-            ids = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            delta = detok.add(ids.as_numpy().tolist()) if ids is not None else ""
-            if not stream:
+            ids = _output(response, "output_ids")
+            reason_out = _output(response, "finish_reason")
+            new_ids = [] if ids is None else ids.tolist()
+            unsent_tokens += len(new_ids)
+            total_tokens += len(new_ids)
+            delta = detok.add(new_ids)
+            if reason_out is not None:
+                reason = reason_out.reshape(-1)[0].decode()
+                delta += detok.flush()
+            if not req.stream:
                 pieces.append(delta)
-            elif delta:
-                sender.send(_text_response(delta))
-            if sender.is_cancelled():
+            elif delta or reason:
+                sender.send(self._response(req, delta, reason, len(input_ids), unsent_tokens),
+                            flags=FINAL if reason else 0)
+                unsent_tokens = 0
+            # Never ask after the final response: Triton has released the request by then.
+            if reason is None and sender.is_cancelled():
                 self._abort_llm(request_id)
                 return
-        tail = detok.flush()
-        if stream:
-            sender.send(_text_response(tail) if tail else None, flags=FINAL)
+        if req.stream:
+            if reason is None:  # the llm stream ended without its final answer: still close ours
+                sender.send(flags=FINAL)
             return
-        body = "".join(pieces) + tail
+        body = "".join(pieces)
         # Like the vLLM backend: a non-streamed answer repeats the prompt unless told not to.
-        sender.send(_text_response(body if exclude_input else prompt + body), flags=FINAL)
+        text_out = body if req.exclude_input else req.prompt + body
+        sender.send(self._response(req, text_out, reason, len(input_ids), total_tokens), flags=FINAL)
 
-    def _parse(self, request):
+    @staticmethod
+    def _response(req: VLMRequest, text_out: str, reason: str | None, n_in: int, n_out: int):
+        """text_output plus whichever of the vLLM backend's optional outputs the request asked for."""
+        values = {"text_output": text_out.encode(), "finish_reason": (reason or "").encode(),
+                  "num_input_tokens": n_in, "num_output_tokens": n_out}
+        tensors = [pb_utils.Tensor("text_output", np.array([values["text_output"]], dtype=object))]
+        for name in req.extra_outputs:
+            value = values[name]
+            array = np.array([value], dtype=object) if isinstance(value, bytes) else np.array([value], dtype=np.uint32)
+            tensors.append(pb_utils.Tensor(name, array))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _parse(self, request) -> VLMRequest:
         try:
             raw_prompt = scalar(optional_input(pb_utils, request, "text_input"), "text_input")
             if raw_prompt is None:
@@ -97,14 +131,13 @@ class TritonPythonModel:
                 raise ValueError(f"image: {len(blobs)} image(s) sent but text_input has {n_slots} "
                                  f"{self.pre.image_token} placeholder(s); send one image per placeholder")
             images = [decode_image(_as_bytes(b), f"image[{i}]") for i, b in enumerate(blobs)]
-            stream = bool(scalar(optional_input(pb_utils, request, "stream"), "stream", False))
-            exclude = bool(scalar(optional_input(pb_utils, request, "exclude_input_in_output"),
-                                  "exclude_input_in_output", False))
             raw_params = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
             params = SamplingParams.from_json(raw_params)
+            flag = lambda name: bool(scalar(optional_input(pb_utils, request, name), name, False))  # noqa: E731
+            extras = tuple(out for out in EXTRA_OUTPUTS if flag(f"return_{out}"))
+            return VLMRequest(prompt, images, flag("stream"), params, flag("exclude_input_in_output"), extras)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        return prompt, images, stream, params, exclude
 
     def _abort_llm(self, request_id: str) -> None:
         """Stop the llm stream of a request whose client went away, freeing its KV blocks now."""
@@ -131,5 +164,6 @@ def _as_bytes(value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _text_response(text: str):
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode()], dtype=object))])
+def _output(response, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
