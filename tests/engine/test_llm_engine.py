@@ -4,7 +4,8 @@ import torch
 
 from helpers import PROMPTS, HFReference, images_for
 from triton_vlm.checkpoint import make_tiny
-from triton_vlm.engine.llm_engine import EngineConfig, LLMEngine
+from triton_vlm.engine.config import EngineConfig
+from triton_vlm.engine.llm_engine import LLMEngine
 from triton_vlm.engine.sampling_params import SamplingParams
 from triton_vlm.export.vision import VisionEncoder
 

@@ -9,33 +9,20 @@ import itertools
 import logging
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
 from ..geometry import ModelGeometry
 from .block_pool import BlockPool
-from .model_runner import ModelRunner, RunnerConfig
+from .config import EngineConfig
+from .model_runner import ModelRunner
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 0  # 0: the checkpoint's
-    num_kv_blocks: int = 0
-    kv_cache_cpu_gib: float = 1.0
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    device: str = "auto"
-    dtype: str = "auto"
 
 
 class RequestOutput(NamedTuple):
@@ -57,23 +44,25 @@ class EngineStats(NamedTuple):
 OutputCallback = Callable[[RequestOutput], None]
 
 
+class Live(NamedTuple):
+    """A request the engine owns: its sequence and how to reach its caller."""
+
+    seq: Sequence
+    on_output: OutputCallback
+    is_cancelled: Callable[[], bool] | None
+
+
 class LLMEngine:
     def __init__(self, checkpoint: str, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.geometry = ModelGeometry.from_checkpoint(checkpoint)
-        self.runner = ModelRunner(checkpoint, self.geometry, RunnerConfig(
-            block_size=config.block_size, num_kv_blocks=config.num_kv_blocks,
-            kv_cache_cpu_gib=config.kv_cache_cpu_gib,
-            kv_cache_free_gpu_mem_fraction=config.kv_cache_free_gpu_mem_fraction,
-            device=config.device, dtype=config.dtype))
+        self.runner = ModelRunner(checkpoint, self.geometry, config)
         self.pool = BlockPool(self.runner.num_blocks)
         max_len = min(config.max_model_len or self.geometry.max_model_len, self.geometry.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(config.block_size, config.max_num_seqs,
                                                    config.max_num_batched_tokens, max_len), self.pool)
         self.eos_ids = frozenset(self.geometry.eos_token_ids)
-        self._callbacks: dict[str, OutputCallback] = {}
-        self._seqs: dict[str, Sequence] = {}
-        self._cancel_checks: dict[str, Callable[[], bool]] = {}
+        self._live: dict[str, Live] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,11 +95,11 @@ class LLMEngine:
 
     def add(self, seq: Sequence, on_output: OutputCallback, is_cancelled: Callable[[], bool] | None = None) -> None:
         """Queue a validated sequence; safe from any thread."""
-        self._inbox.put(("add", seq, on_output, is_cancelled))
+        self._inbox.put(Live(seq, on_output, is_cancelled))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id, None, None))
+        self._inbox.put(request_id)
         self._wake.set()
 
     def has_work(self) -> bool:
@@ -206,9 +195,9 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool, error: str | None = None) -> None:
         new = seq.token_ids[seq.prompt_len + seq.num_sent:]
         seq.num_sent += len(new)
-        callback = self._callbacks.pop(seq.request_id) if finished else self._callbacks[seq.request_id]
+        live = self._live.pop(seq.request_id) if finished else self._live[seq.request_id]
         try:
-            callback(RequestOutput(seq.request_id, new, finished, seq.finish_reason if finished else None, error))
+            live.on_output(RequestOutput(seq.request_id, new, finished, seq.finish_reason if finished else None, error))
         except Exception:  # a broken consumer must not stop the loop
             log.exception("output callback failed for %s", seq.request_id)
             if not finished:
@@ -218,27 +207,22 @@ class LLMEngine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, reason)
-        self._seqs.pop(seq.request_id, None)
-        self._cancel_checks.pop(seq.request_id, None)
         self._emit(seq, finished=True, error=error)
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
-            kind, item, on_output, is_cancelled = self._inbox.get()
-            if kind == "add":
-                if item.request_id in self._seqs:
-                    on_output(RequestOutput(item.request_id, [], True, "error",
-                                            f"request id {item.request_id!r} is already in flight"))
-                    continue
-                self._callbacks[item.request_id] = on_output
-                self._seqs[item.request_id] = item
-                if is_cancelled:
-                    self._cancel_checks[item.request_id] = is_cancelled
-                self.scheduler.add(item)
-            elif item in self._seqs:
-                self._finish(self._seqs[item], "abort")
+            item = self._inbox.get()
+            if isinstance(item, str):  # an abort
+                if item in self._live:
+                    self._finish(self._live[item].seq, "abort")
+            elif item.seq.request_id in self._live:
+                item.on_output(RequestOutput(item.seq.request_id, [], True, "error",
+                                             f"request id {item.seq.request_id!r} is already in flight"))
+            else:
+                self._live[item.seq.request_id] = item
+                self.scheduler.add(item.seq)
 
     def _drop_cancelled(self) -> None:
-        for rid, cancelled in list(self._cancel_checks.items()):
-            if cancelled():
-                self._finish(self._seqs[rid], "abort")
+        for live in list(self._live.values()):
+            if live.is_cancelled and live.is_cancelled():
+                self._finish(live.seq, "abort")

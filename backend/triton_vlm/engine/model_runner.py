@@ -1,27 +1,16 @@
 """The model runner: owns the decoder and the KV cache, turns a scheduled batch into tensors and logits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..geometry import ModelGeometry
 from .attention import AttentionMetadata
+from .config import EngineConfig
 from .llama import LlamaForCausalLM
 from .scheduler import Batch
 from .weights import load_decoder_weights
 
 GIB = 1 << 30
-
-
-@dataclass
-class RunnerConfig:
-    block_size: int = 16
-    num_kv_blocks: int = 0  # 0: size the cache from the memory settings below
-    kv_cache_cpu_gib: float = 1.0
-    kv_cache_free_gpu_mem_fraction: float = 0.9
-    device: str = "auto"  # auto: cuda when present, else cpu
-    dtype: str = "auto"  # auto: checkpoint's fp16/bf16 on cuda (fp16 if fp32), fp32 on cpu
 
 
 def pick_device_dtype(device: str, dtype: str, checkpoint_dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -35,7 +24,7 @@ def pick_device_dtype(device: str, dtype: str, checkpoint_dtype: str) -> tuple[t
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: str, geometry: ModelGeometry, config: RunnerConfig):
+    def __init__(self, checkpoint: str, geometry: ModelGeometry, config: EngineConfig):
         self.geometry = geometry
         self.block_size = config.block_size
         self.device, self.dtype = pick_device_dtype(config.device, config.dtype, geometry.dtype)
@@ -52,7 +41,7 @@ class ModelRunner:
         g = self.geometry.text
         return 2 * g.num_layers * self.block_size * g.num_kv_heads * g.head_dim * self.dtype.itemsize
 
-    def _blocks_that_fit(self, config: RunnerConfig) -> int:
+    def _blocks_that_fit(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * config.kv_cache_free_gpu_mem_fraction

@@ -5,24 +5,24 @@ once; the loop streams each step's new token ids back through the request's resp
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from ..engine.config import EngineConfig
+from ..engine.llm_engine import LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .params import error_response, model_parameters, optional_input, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-ENGINE_KEYS = {"block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
-               "num_kv_blocks": int, "kv_cache_cpu_gib": float, "kv_cache_free_gpu_mem_fraction": float,
-               "device": str, "dtype": str}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        config = EngineConfig(**{k: cast(params[k]) for k, cast in ENGINE_KEYS.items() if params.get(k, "") != ""})
+        config = engine_config(params)
         torch.set_num_threads(int(params.get("torch_threads") or torch.get_num_threads()))
         self.engine = LLMEngine(params["checkpoint"], config)
         self._families, gauges = _gauges()
@@ -63,6 +63,13 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+
+
+def engine_config(params: dict[str, str]) -> EngineConfig:
+    """EngineConfig from config.pbtxt string parameters, each cast to its field's type."""
+    defaults = EngineConfig()
+    return EngineConfig(**{f.name: type(getattr(defaults, f.name))(params[f.name])
+                           for f in fields(EngineConfig) if params.get(f.name, "") != ""})
 
 
 def _gauges():

@@ -1,0 +1,17 @@
+"""Engine settings: one dataclass, read by the model runner, the scheduler and the Triton adapter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # the per-step token budget; longer prompts prefill in chunks
+    max_model_len: int = 0  # 0: the checkpoint's
+    num_kv_blocks: int = 0  # 0: size the cache from the memory settings below
+    kv_cache_cpu_gib: float = 1.0
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # auto: checkpoint's fp16/bf16 on cuda (fp16 if fp32), fp32 on cpu
