@@ -96,6 +96,8 @@ class TritonPythonModel:
             # Never ask after the final response: Triton has released the request by then.
             if reason is None and sender.is_cancelled():
                 self._abort_llm(request_id)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "request was cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
                 return
         if req.stream:
             if reason is None:  # the llm stream ended without its final answer: still close ours
