@@ -37,6 +37,7 @@ class VisionGeometry:
     image_size: int
     patch_size: int
     num_channels: int
+    has_cls: bool  # CLIP prepends a CLS token; SigLIP does not
 
     @property
     def num_patches(self) -> int:
@@ -56,8 +57,9 @@ class ModelGeometry:
 
     @property
     def image_seq_len(self) -> int:
-        """Embedding rows per image: the patches, plus CLS unless the 'default' strategy drops it."""
-        return self.vision.num_patches + (0 if self.vision_feature_select_strategy == "default" else 1)
+        """Embedding rows per image: the tower's tokens, less the first if the 'default' strategy drops it."""
+        tokens = self.vision.num_patches + int(self.vision.has_cls)
+        return tokens - 1 if self.vision_feature_select_strategy == "default" else tokens
 
     @property
     def max_model_len(self) -> int:
@@ -75,9 +77,11 @@ class ModelGeometry:
             raise ValueError(f"{path}/config.json is not a LLaVA-style checkpoint (needs text_config and vision_config)")
         text = _text_geometry(cfg["text_config"], cfg)
         v = cfg["vision_config"]
-        if v.get("model_type", "clip_vision_model") not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"unsupported vision tower {v.get('model_type')!r}; supported: CLIP and SigLIP")
-        vision = VisionGeometry(v.get("image_size", 224), v.get("patch_size", 32), v.get("num_channels", 3))
+        tower = v.get("model_type", "clip_vision_model")
+        if tower not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"unsupported vision tower {tower!r}; supported: CLIP and SigLIP")
+        vision = VisionGeometry(v.get("image_size", 224), v.get("patch_size", 32), v.get("num_channels", 3),
+                                has_cls=tower == "clip_vision_model")
         layer = cfg.get("vision_feature_layer", -2)
         return cls(
             text=text,
