@@ -19,6 +19,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The same threading the served llm gets (see server.py and triton/llm.py), so HF is not handicapped.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def workload(n: int, image_size: int):
@@ -61,6 +63,7 @@ def run_hf(checkpoint: Path, cases, max_tokens: int):
 
     from triton_vlm.preprocess import decode_image
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     start, tokens = time.perf_counter(), 0

@@ -45,6 +45,8 @@ def server_env() -> dict[str, str]:
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BACKEND_DIR), env.get("PYTHONPATH", "")) if p)
+    # Three stubs share the CPU; spinning OpenMP workers starve each other (measured: 1 ms -> 178 ms a step).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -5,6 +5,7 @@ once; the loop streams each step's new token ids back through the request's resp
 """
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 import numpy as np
@@ -23,7 +24,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         config = engine_config(params)
-        torch.set_num_threads(int(params.get("torch_threads") or torch.get_num_threads()))
+        # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
+        torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
         self._families, gauges = _gauges()
         self.engine.on_step = lambda stats: [g.set(v) for g, v in zip(gauges, stats)]

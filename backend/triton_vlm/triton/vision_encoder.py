@@ -20,6 +20,8 @@ class TritonPythonModel:
         threads = int(model_parameters(args).get("ort_intra_op_threads") or 0)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle spinning would steal cores from the llm stub between image batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
