@@ -9,6 +9,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,6 +24,7 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
+CANCEL_CHECK_INTERVAL_S = 0.05
 
 
 class RequestOutput(NamedTuple):
@@ -69,6 +71,7 @@ class LLMEngine:
         self._stopping = False
         self._ids = itertools.count()
         self.on_step: Callable[[EngineStats], None] | None = None  # e.g. to export metrics
+        self._next_cancel_check = 0.0
 
     # ---- the public surface -------------------------------------------------
     def new_request_id(self) -> str:
@@ -223,6 +226,11 @@ class LLMEngine:
                 self.scheduler.add(item.seq)
 
     def _drop_cancelled(self) -> None:
+        # Asking the caller crosses a process boundary (Triton's stub IPC): a few times a second is enough.
+        now = time.monotonic()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + CANCEL_CHECK_INTERVAL_S
         for live in list(self._live.values()):
             if live.is_cancelled and live.is_cancelled():
                 self._finish(live.seq, "abort")

@@ -6,6 +6,7 @@ into text deltas. Inputs mirror Triton's vLLM backend so its clients work unchan
 """
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -14,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..detokenizer import Detokenizer
+from ..engine.llm_engine import CANCEL_CHECK_INTERVAL_S
 from ..engine.sampling_params import SamplingParams
 from ..preprocess import Preprocessor, decode_image
 from .params import error_response, model_parameters, optional_input, scalar, text
@@ -75,6 +77,7 @@ class TritonPythonModel:
                                                 requested_output_names=["output_ids", "finish_reason"])
         detok = Detokenizer(self.pre.tokenizer)
         pieces, unsent_tokens, total_tokens, reason = [], 0, 0, None
+        next_cancel_check = 0.0
         for response in llm_request.exec(decoupled=True):
             if response.has_error():
                 raise RequestError(f"llm: {response.error().message()}")
@@ -93,12 +96,15 @@ class TritonPythonModel:
                 sender.send(self._response(req, delta, reason, len(input_ids), unsent_tokens),
                             flags=FINAL if reason else 0)
                 unsent_tokens = 0
-            # Never ask after the final response: Triton has released the request by then.
-            if reason is None and sender.is_cancelled():
-                self._abort_llm(request_id)
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "request was cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
-                return
+            # Never ask after the final response (Triton has released the request by then), and
+            # only now and then: each question is a round trip to the server process.
+            if reason is None and time.monotonic() >= next_cancel_check:
+                next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+                if sender.is_cancelled():
+                    self._abort_llm(request_id)
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        "request was cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+                    return
         if req.stream:
             if reason is None:  # the llm stream ended without its final answer: still close ours
                 sender.send(flags=FINAL)
