@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
-import queue
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -68,63 +66,16 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-class TritonVLM:
-    """Streams one request at a time to the `vlm` model over gRPC and joins the text deltas."""
+def triton_predictor(url: str, max_tokens: int = MAX_TOKENS) -> Predict:
+    """Each pair streamed through the server's `vlm` model over gRPC; a response error raises VLMError."""
+    from triton_vlm import client
 
-    def __init__(self, url: str, model: str = "vlm", max_tokens: int = MAX_TOKENS, timeout: float = 120.0):
-        import tritonclient.grpc as grpcclient
+    greedy = {"max_tokens": max_tokens, "temperature": 0}
 
-        self.grpc = grpcclient
-        self.model = model
-        self.max_tokens = max_tokens
-        self.timeout = timeout
-        self.client = grpcclient.InferenceServerClient(url)
-        self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.next_id = 0
+    def predict(image: Image.Image, prompt: str) -> str:
+        return client.generate_grpc(url, prompt, [png_bytes(image)], greedy, stream=True).strip()
 
-    def inputs(self, prompt: str, images: list[bytes]):
-        import numpy as np
-
-        g = self.grpc
-        params = json.dumps({"max_tokens": self.max_tokens, "temperature": 0})
-        arrays = {
-            "text_input": np.array([prompt.encode()], dtype=np.object_),
-            "image": np.array(images, dtype=np.object_),
-            "stream": np.array([True]),
-            "sampling_parameters": np.array([params.encode()], dtype=np.object_),
-            "exclude_input_in_output": np.array([True]),
-        }
-        out = []
-        for name, arr in arrays.items():
-            t = g.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "BYTES")
-            t.set_data_from_numpy(arr)
-            out.append(t)
-        return out
-
-    def __call__(self, image: Image.Image, prompt: str) -> str:
-        self.next_id += 1
-        rid = str(self.next_id)
-        self.client.async_stream_infer(self.model, self.inputs(prompt, [png_bytes(image)]), request_id=rid,
-                                       outputs=[self.grpc.InferRequestedOutput("text_output")],
-                                       enable_empty_final_response=True)
-        pieces = []
-        while True:
-            result, error = self.responses.get(timeout=self.timeout)
-            if error is not None:
-                raise RuntimeError(f"Triton request {rid} failed: {error}")
-            response = result.get_response()
-            if response.id != rid:
-                raise RuntimeError(f"response for request {response.id!r} while waiting for {rid!r}")
-            text = result.as_numpy("text_output")
-            if text is not None:
-                pieces.extend(t.decode() if isinstance(t, bytes) else str(t) for t in text.reshape(-1))
-            if response.parameters["triton_final_response"].bool_param:
-                return "".join(pieces).strip()
-
-    def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
+    return predict
 
 
 def evaluate(predict: Predict, processor, n: int = 500, seed: int = 0) -> list[Result]:

@@ -2,7 +2,7 @@
 
 Everything is drawn from a caller-supplied `random.Random`, so a seed fixes the stream.
 Each shape type and each colour occurs at most once per image, which keeps every question
-unambiguous, and centres are spread apart horizontally so "left of" is never a close call.
+unambiguous, and shapes sit in distinct columns so "left of" is never a close call.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ NUMBERS = ("zero", "one", "two", "three")
 QTYPES = ("colour", "shape", "count", "spatial", "caption")
 
 MAX_SHAPES = 3
+GRID = 3
 SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges without a raster library
 
 
@@ -52,30 +53,25 @@ class Scene:
 
 
 def sample_scene(rng: random.Random, n: int | None = None) -> Scene:
+    """Shapes sit in distinct columns of a GRID x GRID layout, jittered inside their cell.
+
+    The grid matches the vision tower's patches (48 px / 16 px), so each shape lies within one
+    patch; distinct columns keep every "left of" at least ~12 px clear.
+    """
     n = n or rng.randint(1, MAX_SHAPES)
     kinds = rng.sample(SHAPES, n)
     colours = rng.sample(list(COLOURS), n)
-    while True:  # rejection sampling; a handful of tries at most for three shapes
-        shapes = [Shape(k, c, 0.0, 0.0, rng.uniform(0.13, 0.19)) for k, c in zip(kinds, colours)]
-        for s in shapes:
-            s.x = rng.uniform(s.r + 0.02, 1 - s.r - 0.02)
-            s.y = rng.uniform(s.r + 0.02, 1 - s.r - 0.02)
-        if _well_separated(shapes):
-            break
+    cell = 1.0 / GRID
+    shapes = []
+    for kind, colour, col in zip(kinds, colours, rng.sample(range(GRID), n)):
+        row = rng.randrange(GRID)
+        r = rng.uniform(0.32, 0.44) * cell
+        lo, hi = r + 0.02, cell - r - 0.02
+        shapes.append(Shape(kind, colour, col * cell + rng.uniform(lo, hi), row * cell + rng.uniform(lo, hi), r))
     background = tuple(rng.randint(200, 255) for _ in range(3))
     noise = rng.choice([0.0, rng.uniform(2.0, 8.0)])
     jitter = [tuple(rng.randint(-15, 15) for _ in range(3)) for _ in shapes]
     return Scene(shapes, background, noise, rng.getrandbits(32), jitter)
-
-
-def _well_separated(shapes: list[Shape]) -> bool:
-    for i, a in enumerate(shapes):
-        for b in shapes[i + 1:]:
-            if math.hypot(a.x - b.x, a.y - b.y) < a.r + b.r + 0.04:
-                return False
-            if abs(a.x - b.x) < 0.12:
-                return False
-    return True
 
 
 def _outline(s: Shape, side: float) -> list[tuple[float, float]]:
@@ -103,7 +99,7 @@ def render(scene: Scene, size: int) -> Image.Image:
     for s, jit in zip(scene.shapes, scene.jitter or [(0, 0, 0)] * len(scene.shapes)):
         fill = tuple(min(255, max(0, c + j)) for c, j in zip(COLOURS[s.colour], jit))
         if s.kind == "circle":
-            cx, cy, r = s.x * big, s.y * big, 0.85 * s.r * big
+            cx, cy, r = s.x * big, s.y * big, 0.9 * s.r * big
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
             draw.polygon(_outline(s, big), fill=fill)
@@ -137,20 +133,43 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
         return "How many shapes are there?", NUMBERS[len(shapes)]
     if qtype == "spatial":
         a, b = rng.sample(shapes, 2)
-        if rng.random() < 0.5:
-            return f"Is the {a.kind} left of the {b.kind}?", "yes" if a.x < b.x else "no"
-        return f"Is the {a.kind} right of the {b.kind}?", "yes" if a.x > b.x else "no"
+        return f"Is the {a.kind} left of the {b.kind}?", "yes" if a.x < b.x else "no"
     if qtype == "caption":
         return "Describe the image.", caption(scene)
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def sample_pair(rng: random.Random, image_size: int, qtype: str | None = None) -> tuple[Image.Image, str, str, str]:
-    """(image, question, answer, qtype); spatial questions get scenes of two or more shapes."""
+@dataclass
+class Example:
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    scene: Scene
+
+
+def sample_example(rng: random.Random, image_size: int, qtype: str | None = None) -> Example:
+    """Spatial questions get scenes of two or more shapes."""
     qtype = qtype or rng.choice(QTYPES)
     scene = sample_scene(rng, rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
     question, answer = ask(scene, qtype, rng)
-    return render(scene, image_size), question, answer, qtype
+    return Example(render(scene, image_size), question, answer, qtype, scene)
+
+
+def sample_pair(rng: random.Random, image_size: int, qtype: str | None = None) -> tuple[Image.Image, str, str, str]:
+    """(image, question, answer, qtype)."""
+    e = sample_example(rng, image_size, qtype)
+    return e.image, e.question, e.answer, e.qtype
+
+
+def cell_labels(scene: Scene) -> tuple[list[int], list[int], list[int]]:
+    """Per grid cell, row-major: shape index + 1, colour index + 1 (0 where empty), and column."""
+    kinds, colours = [0] * GRID * GRID, [0] * GRID * GRID
+    for s in scene.shapes:
+        cell = int(s.y * GRID) * GRID + int(s.x * GRID)
+        kinds[cell] = SHAPES.index(s.kind) + 1
+        colours[cell] = list(COLOURS).index(s.colour) + 1
+    return kinds, colours, [c % GRID for c in range(GRID * GRID)]
 
 
 def held_out(n: int, image_size: int, seed: int = 0):
@@ -168,7 +187,7 @@ def all_questions() -> list[str]:
     qs = ["What shape is in the image?", "How many shapes are there?", "Describe the image."]
     qs += [f"What colour is the {k}?" for k in SHAPES]
     qs += [f"What shape is {c}?" for c in COLOURS]
-    qs += [f"Is the {a} {rel} of the {b}?" for a in SHAPES for b in SHAPES if a != b for rel in ("left", "right")]
+    qs += [f"Is the {a} left of the {b}?" for a in SHAPES for b in SHAPES if a != b]
     return qs
 
 

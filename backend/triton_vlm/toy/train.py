@@ -1,0 +1,238 @@
+"""Train the toy VLM in four short stages, each easy on its own.
+
+Learning to see and learning to answer at once is slow from scratch on a CPU, so the work is split:
+  A. vision: the CLIP tower learns, per patch, which shape and colour cover it, its row and
+     column, and whether a shape's centre lies in it (labels come free with the synthetic scene);
+  B. language: the decoder learns to answer from *symbolic* patch embeddings (a sum of learned
+     shape/colour/position vectors), which is fast because no image is rendered or encoded;
+  C. bridge: the projector learns to map the tower's features onto those symbolic embeddings;
+  D. end to end: the whole LLaVA is fine-tuned on rendered images with the answer loss.
+The result is an ordinary LlavaForConditionalGeneration; the symbolic tables and heads are dropped.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from .scenes import COLOURS, MAX_SHAPES, QTYPES, SHAPES, Scene, _outline, ask, render, sample_scene
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch: int = 32
+    steps_vision: int = 300
+    steps_language: int = 5000
+    steps_bridge: int = 400
+    steps_joint: int = 400
+    lr_vision: float = 2e-3
+    lr_language: float = 1e-3
+    lr_bridge: float = 1e-3
+    lr_joint: float = 2e-4
+    # Question mix: spatial is the hardest, captions are long and easy.
+    qtype_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 0.5)
+
+
+class PatchLabels:
+    """Per-patch targets for a scene: shape, colour (0 = background), centre flag, row, column."""
+
+    def __init__(self, image_size: int, patch_size: int):
+        self.size, self.patch, self.grid = image_size, patch_size, image_size // patch_size
+
+    def __call__(self, scene: Scene) -> np.ndarray:
+        g, p = self.grid, self.patch
+        mask = Image.new("L", (self.size, self.size), 0)
+        draw = ImageDraw.Draw(mask)
+        for i, s in enumerate(scene.shapes):
+            if s.kind == "circle":
+                cx, cy, r = s.x * self.size, s.y * self.size, 0.85 * s.r * self.size
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=i + 1)
+            else:
+                draw.polygon(_outline(s, self.size), fill=i + 1)
+        cells = np.asarray(mask).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
+        out = np.zeros((g * g, 5), np.int64)  # shape, colour, centre, row, column
+        out[:, 3] = np.arange(g * g) // g
+        out[:, 4] = np.arange(g * g) % g
+        for i, s in enumerate(scene.shapes):
+            covered = (cells == i + 1).mean(1) > 0.25
+            out[covered, 0] = SHAPES.index(s.kind) + 1
+            out[covered, 1] = list(COLOURS).index(s.colour) + 1
+            out[min(g - 1, int(s.y * g)) * g + min(g - 1, int(s.x * g)), 2] = 1
+        return out
+
+
+class SymbolicPatches(nn.Module):
+    """What a perfect vision path would hand the decoder: a sum of learned per-attribute vectors."""
+
+    def __init__(self, grid: int, hidden: int):
+        super().__init__()
+        sizes = (len(SHAPES) + 1, len(COLOURS) + 1, 2, grid, grid)
+        self.tables = nn.ModuleList(nn.Embedding(n, hidden) for n in sizes)
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=0.5)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:  # [..., 5] -> [..., hidden]
+        return sum(t(labels[..., i]) for i, t in enumerate(self.tables))
+
+
+class VisionHeads(nn.Module):
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        self.sizes = (len(SHAPES) + 1, len(COLOURS) + 1, 2, grid, grid)
+        self.proj = nn.Linear(width, sum(self.sizes))
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(features).split(self.sizes, dim=-1)
+        return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1))
+                   for i, lg in enumerate(logits))
+
+
+def pixels(images: list[Image.Image]) -> torch.Tensor:
+    """CLIP normalisation of images already at the model's size (what the processor does to them)."""
+    arr = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
+    return torch.from_numpy(((arr - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2).copy())
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Trainer:
+    def __init__(self, model, processor, config: TrainConfig, log=print):
+        self.model, self.processor, self.cfg, self.log = model, processor, config, log
+        self.tok = processor.tokenizer
+        vc = model.config.vision_config
+        self.size, self.grid = vc.image_size, vc.image_size // vc.patch_size
+        self.labels = PatchLabels(self.size, vc.patch_size)
+        self.symbolic = SymbolicPatches(self.grid, model.config.text_config.hidden_size)
+        self.heads = VisionHeads(vc.hidden_size, self.grid)
+        self.rng = random.Random(f"train-{config.seed}")
+        self.image_token = model.config.image_token_index
+        self._prompts: dict[str, list[int]] = {}
+        self.start = time.monotonic()
+
+    # ---- data -------------------------------------------------------------------
+    def sample(self, n: int):
+        """n (scene, question, answer) triples with the configured question mix."""
+        out = []
+        for _ in range(n):
+            qtype = self.rng.choices(QTYPES, weights=self.cfg.qtype_weights)[0]
+            scene = sample_scene(self.rng, self.rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
+            question, answer = ask(scene, qtype, self.rng)
+            out.append((scene, question, answer))
+        return out
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            from .evaluate import chat_prompt
+
+            blank = Image.new("RGB", (self.size, self.size))
+            self._prompts[question] = self.processor(images=blank, text=chat_prompt(self.processor, question))[
+                "input_ids"][0]
+        return self._prompts[question]
+
+    def tokens(self, samples):
+        """Padded ids, attention mask and answer labels (the loss sees the answer and </s> only)."""
+        seqs = [(self.prompt_ids(q), self.tok(" " + a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
+                for _, q, a in samples]
+        width = max(len(p) + len(a) for p, a in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (p, a) in enumerate(seqs):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            mask[i, :len(p) + len(a)] = 1
+        return ids, mask, labels
+
+    def patch_labels(self, samples) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.labels(s) for s, _, _ in samples]))
+
+    # ---- losses -------------------------------------------------------------------
+    def vision_features(self, pix: torch.Tensor) -> torch.Tensor:
+        """The tower's output as LLaVA selects it (last layer, CLS dropped: see make_llava_config)."""
+        return self.model.model.vision_tower(pix).last_hidden_state[:, 1:]
+
+    def answer_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over samples of each answer's mean token loss: short answers weigh as much as captions."""
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                             ignore_index=-100).view(labels.shape)
+        keep = (labels != -100).float()
+        return ((ce * keep).sum(1) / keep.sum(1)).mean()
+
+    def language_logits(self, ids, mask, image_rows: torch.Tensor) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == self.image_token)[..., None], image_rows.to(embeds.dtype))
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.model.lm_head(hidden)
+
+    # ---- stages -------------------------------------------------------------------
+    def _run(self, name: str, steps: int, lr: float, params, step_fn) -> None:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        smooth = None
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            loss = step_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+            if step % 100 == 0 or step == steps - 1:
+                self.log(f"{name:9s} step {step:5d}  loss {smooth:.4f}  {(time.monotonic() - self.start) / 60:5.1f} min")
+
+    def vision_step(self):
+        samples = [(sample_scene(self.rng), "", "") for _ in range(self.cfg.batch)]
+        pix = pixels([render(s, self.size) for s, _, _ in samples])
+        return self.heads.loss(self.vision_features(pix), self.patch_labels(samples))
+
+    def language_step(self):
+        samples = self.sample(self.cfg.batch)
+        ids, mask, labels = self.tokens(samples)
+        rows = self.symbolic(self.patch_labels(samples)).flatten(0, 1)
+        return self.answer_loss(self.language_logits(ids, mask, rows), labels)
+
+    def bridge_step(self):
+        samples = [(sample_scene(self.rng), "", "") for _ in range(self.cfg.batch)]
+        pix = pixels([render(s, self.size) for s, _, _ in samples])
+        with torch.no_grad():
+            target = self.symbolic(self.patch_labels(samples))
+        projected = self.model.model.multi_modal_projector(self.vision_features(pix))
+        return F.mse_loss(projected, target)
+
+    def joint_step(self):
+        samples = self.sample(self.cfg.batch)
+        ids, mask, labels = self.tokens(samples)
+        pix = pixels([render(s, self.size) for s, _, _ in samples])
+        logits = self.model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        return self.answer_loss(logits, labels)
+
+    def train(self) -> None:
+        m, c = self.model, self.cfg
+        tower, projector, lm = m.model.vision_tower, m.model.multi_modal_projector, m.model.language_model
+        m.train()
+        self._run("vision", c.steps_vision, c.lr_vision, list(tower.parameters()) + list(self.heads.parameters()),
+                  self.vision_step)
+        self._run("language", c.steps_language, c.lr_language,
+                  list(lm.parameters()) + list(m.lm_head.parameters()) + list(self.symbolic.parameters()),
+                  self.language_step)
+        self._run("bridge", c.steps_bridge, c.lr_bridge, list(projector.parameters()) + list(tower.parameters()),
+                  self.bridge_step)
+        self._run("joint", c.steps_joint, c.lr_joint, list(m.parameters()), self.joint_step)
+        m.eval()
