@@ -34,7 +34,7 @@ class TrainConfig:
     batch: int = 32
     steps_vision: int = 300
     steps_language: int = 5000
-    steps_bridge: int = 400
+    steps_bridge: int = 300
     steps_joint: int = 400
     lr_vision: float = 2e-3
     lr_language: float = 1e-3
