@@ -11,7 +11,6 @@ chat template, generation config), then checked on held-out pairs in process.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import time
 from dataclasses import fields
@@ -21,26 +20,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from triton_vlm.checkpoint import make_llava_config, make_processor, save_checkpoint, train_tokenizer  # noqa: E402
+from triton_vlm.checkpoint import save_checkpoint  # noqa: E402
 from triton_vlm.toy import evaluate as ev  # noqa: E402
-from triton_vlm.toy.scenes import COLOURS, SHAPES, Scene, Shape, all_answer_words, all_questions, caption  # noqa: E402
-from triton_vlm.toy.train import Trainer, TrainConfig  # noqa: E402
-
-# 48 px images in 8 px patches: 36 image tokens; about 1.9M parameters in all.
-GEOMETRY = dict(image_size=48, patch_size=8, vision_hidden=96, vision_layers=3, vision_heads=4, hidden=128,
-                layers=3, heads=4, kv_heads=2, intermediate=384,
-                vision_feature_layer=-1,  # the tower is small: its last layer is the one to read
-                max_positions=256)
-
-
-def tokenizer_corpus() -> list[str]:
-    """Every question and answer in chat form, so each word ends up a single token."""
-    answers = all_answer_words()
-    captions = [caption(Scene([Shape(k, c, 0.5, 0.5, 0.1)], (255, 255, 255), 0.0, 0))
-                for k, c in itertools.product(SHAPES, COLOURS)]
-    lines = [f"USER: <image>\n{q}\nASSISTANT: {a}" for q, a in zip(all_questions(), itertools.cycle(answers))]
-    lines += [f"ASSISTANT: {w}" for w in answers] + [f"ASSISTANT: {c}, {c} and {c}" for c in captions]
-    return lines * 4
+from triton_vlm.toy.train import Trainer, TrainConfig, fresh_model  # noqa: E402
 
 
 def main() -> None:
@@ -56,13 +38,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    torch.manual_seed(config.seed)
-    tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=384)
-    llava_config = make_llava_config(tokenizer, **GEOMETRY)
-    processor = make_processor(tokenizer, GEOMETRY["image_size"], GEOMETRY["patch_size"])
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration(llava_config)
+    model, processor = fresh_model(config.seed)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config}", flush=True)
     start = time.monotonic()
     Trainer(model, processor, config, log=lambda line: print(line, flush=True)).train()

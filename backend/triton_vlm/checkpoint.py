@@ -1,7 +1,7 @@
 """Write small LLaVA checkpoints in Hugging Face format: tokenizer, processor, config, weights.
 
-`make_tiny` is the random default used by tests and the quickstart; the toy trainer
-(scripts/train_toy_vlm.py) reuses the tokenizer and processor builders.
+`make_tiny` makes the random checkpoints the tests use (and the quickstart, for want of models/toy-vlm);
+the toy trainer (toy/train.py) builds its model from the same config, tokenizer and processor builders.
 """
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ class Scene:
 def sample_scene(rng: random.Random, n: int | None = None) -> Scene:
     """Shapes sit in distinct columns of a GRID x GRID layout, jittered inside their cell.
 
-    The grid matches the vision tower's patches (48 px / 16 px), so each shape lies within one
-    patch; distinct columns keep every "left of" at least ~12 px clear.
+    The grid matches the toy model's patches (48 px images, 16 px patches), so each shape lies within
+    one patch; distinct columns keep every "left of" at least ~12 px clear.
     """
     n = n or rng.randint(1, MAX_SHAPES)
     kinds = rng.sample(SHAPES, n)
@@ -74,7 +74,7 @@ def sample_scene(rng: random.Random, n: int | None = None) -> Scene:
     return Scene(shapes, background, noise, rng.getrandbits(32), jitter)
 
 
-def _outline(s: Shape, side: float) -> list[tuple[float, float]]:
+def outline(s: Shape, side: float) -> list[tuple[float, float]]:
     cx, cy, r = s.x * side, s.y * side, s.r * side
     if s.kind == "square":
         h = 0.8 * r
@@ -102,7 +102,7 @@ def render(scene: Scene, size: int) -> Image.Image:
             cx, cy, r = s.x * big, s.y * big, 0.9 * s.r * big
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
-            draw.polygon(_outline(s, big), fill=fill)
+            draw.polygon(outline(s, big), fill=fill)
     img = img.resize((size, size), Image.BOX)
     if scene.noise > 0:
         arr = np.asarray(img, dtype=np.float32)
