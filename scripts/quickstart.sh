@@ -31,7 +31,8 @@ if "toy-vlm" in model:
     from triton_vlm.geometry import ModelGeometry
     from triton_vlm.toy.scenes import sample_pair
     size = ModelGeometry.from_checkpoint(model).vision.image_size
-    image, question, answer, _ = sample_pair(random.Random(), size, "colour")
+    rng = random.Random()
+    image, question, answer, _ = sample_pair(rng, size, rng.choice(["colour", "shape", "count", "spatial"]))
     image.save(work / "scene.png")
     (work / "expected.txt").write_text(answer)
     print(work / "scene.png", question)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-vlm"  # shipped: the default model
+
 # A second geometry: wider GQA ratio, head_dim not hidden/heads, last-layer features with CLS kept.
 SECOND_GEOMETRY = dict(heads=8, kv_heads=2, head_dim=12, hidden=48, vision_feature_layer=-1, strategy="full",
                        image_size=48, patch_size=16, layers=3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import TOY_CHECKPOINT
 
 from triton_vlm.repository import BuildOptions, build_repository
 from triton_vlm.server import TritonServer
@@ -27,5 +28,12 @@ def tiny_server(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def second_server(second_checkpoint, tmp_path_factory):
     server = serve(second_checkpoint, tmp_path_factory, "second")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def toy_server(tmp_path_factory):
+    server = serve(TOY_CHECKPOINT, tmp_path_factory, "toy")
     yield server
     server.stop()
