@@ -148,10 +148,14 @@ class Example:
     scene: Scene
 
 
+def scene_for(rng: random.Random, qtype: str) -> Scene:
+    """A scene that question type can be asked about: spatial questions need two or more shapes."""
+    return sample_scene(rng, rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
+
+
 def sample_example(rng: random.Random, image_size: int, qtype: str | None = None) -> Example:
-    """Spatial questions get scenes of two or more shapes."""
     qtype = qtype or rng.choice(QTYPES)
-    scene = sample_scene(rng, rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
+    scene = scene_for(rng, qtype)
     question, answer = ask(scene, qtype, rng)
     return Example(render(scene, image_size), question, answer, qtype, scene)
 

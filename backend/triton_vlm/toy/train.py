@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..checkpoint import make_llava_config, make_processor, train_tokenizer
-from .scenes import (COLOURS, MAX_SHAPES, QTYPES, SHAPES, Scene, Shape, all_answer_words, all_questions, ask, caption,
-                     outline, render, sample_scene, training_rng)
+from .scenes import (COLOURS, QTYPES, SHAPES, Scene, Shape, all_answer_words, all_questions, ask, caption, outline,
+                     render, sample_scene, scene_for, training_rng)
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -164,7 +164,7 @@ class Trainer:
         out = []
         for _ in range(n):
             qtype = self.rng.choices(QTYPES, weights=self.cfg.qtype_weights)[0]
-            scene = sample_scene(self.rng, self.rng.randint(2, MAX_SHAPES) if qtype == "spatial" else None)
+            scene = scene_for(self.rng, qtype)
             question, answer = ask(scene, qtype, self.rng)
             out.append((scene, question, answer))
         return out
