@@ -9,6 +9,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # the per-step token budget; longer prompts prefill in chunks
+    max_num_waiting: int = 256  # requests queued but not yet running; beyond that add() raises EngineBusy
     max_model_len: int = 0  # 0: the checkpoint's
     num_kv_blocks: int = 0  # 0: size the cache from the memory settings below
     kv_cache_cpu_gib: float = 1.0

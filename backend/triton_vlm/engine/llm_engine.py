@@ -1,7 +1,13 @@
 """The engine: requests in, tokens out, every in-flight request batched continuously.
 
 `step()` runs one scheduler decision through the model. `start()` runs steps on a
-background thread; `add_request` and `abort` may be called from any thread.
+background thread; `add` and `abort` may be called from any thread.
+
+Failures stay as small as they can: what breaks while handling one request fails that request
+(finish_reason "error", its KV blocks freed), a failed model step fails the requests in it, and
+anything else that escapes a step fails every live request; the loop goes on in every case.
+Should the loop end anyway, every request still waiting is answered, `dead_reason` says why,
+`on_death` is called and `add` raises EngineDead: nothing waits forever.
 """
 from __future__ import annotations
 
@@ -25,6 +31,14 @@ from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 0.05
+
+
+class EngineBusy(RuntimeError):
+    """max_num_waiting requests wait already: refused at once, in the caller's thread."""
+
+
+class EngineDead(RuntimeError):
+    """The engine's loop has ended; str(e) is the cause (also in `LLMEngine.dead_reason`)."""
 
 
 class RequestOutput(NamedTuple):
@@ -54,9 +68,15 @@ class Live(NamedTuple):
     is_cancelled: Callable[[], bool] | None
 
 
+def _describe(what: str, e: BaseException) -> str:
+    return f"{what}: {type(e).__name__}: {e}"
+
+
 class LLMEngine:
     def __init__(self, checkpoint: str, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        if config.max_num_waiting < 1:
+            raise ValueError(f"max_num_waiting: must be >= 1, got {config.max_num_waiting}")
         self.geometry = ModelGeometry.from_checkpoint(checkpoint)
         self.runner = ModelRunner(checkpoint, self.geometry, config)
         self.pool = BlockPool(self.runner.num_blocks)
@@ -71,15 +91,26 @@ class LLMEngine:
         self._stopping = False
         self._ids = itertools.count()
         self.on_step: Callable[[EngineStats], None] | None = None  # e.g. to export metrics
+        self.on_death: Callable[[str], None] | None = None  # called with dead_reason if the loop dies
+        self.dead_reason: str | None = None  # None while the engine serves
         self._next_cancel_check = 0.0
+        # add() runs on the callers' threads: the lock orders it against death and guards the count.
+        self._lock = threading.Lock()
+        self._num_waiting = 0  # added but never run yet: the inbox plus the sequences in _queued
+        self._queued: set[Sequence] = set()  # admitted, never scheduled (engine thread only)
 
     # ---- the public surface -------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None
+
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def make_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       image_embeds: torch.Tensor | None = None) -> Sequence:
         """Validate a request and build its sequence; raises ValueError naming the bad field."""
+        params.validate()
         vocab = self.geometry.text.vocab_size
         if not prompt_ids:
             raise ValueError("input_ids: empty prompt")
@@ -97,9 +128,11 @@ class LLMEngine:
         return seq
 
     def add(self, seq: Sequence, on_output: OutputCallback, is_cancelled: Callable[[], bool] | None = None) -> None:
-        """Queue a validated sequence; safe from any thread."""
-        self._inbox.put(Live(seq, on_output, is_cancelled))
-        self._wake.set()
+        """Queue a validated sequence; safe from any thread.
+
+        Raises EngineBusy when max_num_waiting requests wait already, EngineDead once the loop has ended.
+        """
+        self._submit(Live(seq, on_output, is_cancelled), bounded=True)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
@@ -128,10 +161,11 @@ class LLMEngine:
             rid = self.new_request_id()
             ids.append(rid)
             results[rid] = []
-            self.add(self.make_sequence(rid, prompt, p, e),
-                     lambda out: results[out.request_id].extend(out.new_token_ids))
+            # Unbounded: the caller waits for all of them anyway.
+            self._submit(Live(self.make_sequence(rid, prompt, p, e),
+                              lambda out: results[out.request_id].extend(out.new_token_ids), None), bounded=False)
         while self.has_work():
-            self.step()
+            self._step_or_fail_all()
         return [results[r] for r in ids]
 
     # ---- the loop -------------------------------------------------------------
@@ -140,30 +174,55 @@ class LLMEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop; requests still in flight get an "engine stopped" error."""
         self._stopping = True
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while not self._stopping:
-            if not self.has_work():
-                self._wake.wait()
-                self._wake.clear()
-                continue
+        try:
+            while not self._stopping:
+                if not self.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step_or_fail_all()
+                self._after_step()
+        except BaseException as e:  # noqa: BLE001  (whatever it was, the callers must hear of it)
+            log.critical("engine loop died", exc_info=True)
+            self._close(_describe("engine loop died", e), died=True)
+        else:
+            self._close("engine stopped", died=False)
+
+    def _step_or_fail_all(self) -> None:
+        try:
             self.step()
-            if self.on_step:
+        except Exception as e:  # no single request to blame: fail them all, keep serving
+            log.exception("engine step failed")
+            error = _describe("engine step failed", e)
+            for live in list(self._live.values()):
+                self._fail(live.seq, error)
+
+    def _after_step(self) -> None:
+        if self.on_step:
+            try:
                 self.on_step(self.stats())
-            if not self.has_work():
-                try:
-                    self.check()  # cheap when idle, and catches leaks early
-                except AssertionError:
-                    log.exception("block pool invariant broken")
+            except Exception:  # noqa: BLE001  (metrics are not worth a request)
+                log.exception("on_step hook failed")
+        if not self.has_work():
+            try:
+                self.check()  # cheap when idle, and catches leaks early
+            except AssertionError:
+                log.exception("block pool invariant broken")
 
     def step(self) -> None:
+        """One scheduler decision through the model; a failure while handling one request fails only it."""
         self._drain_inbox()
         self._drop_cancelled()
         batch = self.scheduler.schedule()
+        for seq in batch.seqs:
+            self._leave_queue(seq)
         if not batch.seqs:
             return
         try:
@@ -171,22 +230,54 @@ class LLMEngine:
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("model step failed")
             for seq in batch.seqs:
-                self._finish(seq, "error", error=f"model step failed: {e}")
+                self._fail(seq, _describe("model step failed", e))
             return
         done = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 done.append(seq)
-        for seq, token in zip(done, sample(logits, done)):
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self._finish(seq, reason)
+        try:
+            tokens = sample(logits, done)
+        except Exception as e:  # the sampler broke as a whole: no row can be trusted
+            tokens = [e] * len(done)
+        for seq, token in zip(done, tokens):
+            if isinstance(token, Exception):
+                self._fail(seq, _describe("sampling failed", token))
             else:
-                self._emit(seq, finished=False)
+                self._append(seq, token)
 
     # ---- helpers ---------------------------------------------------------------
+    def _submit(self, live: Live, bounded: bool) -> None:
+        with self._lock:  # the put happens under it too, so _close finds every accepted request
+            if self.dead_reason is not None:
+                raise EngineDead(self.dead_reason)
+            if bounded and self._num_waiting >= self.config.max_num_waiting:
+                raise EngineBusy(f"server busy: {self._num_waiting} requests already waiting "
+                                 f"(max_num_waiting); retry later")
+            self._num_waiting += 1
+            self._inbox.put(live)
+        self._wake.set()
+
+    def _leave_queue(self, seq: Sequence) -> None:
+        """The sequence runs now, or finished before it ran: it no longer counts as waiting."""
+        if seq in self._queued:
+            self._queued.discard(seq)
+            with self._lock:
+                self._num_waiting -= 1
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        try:
+            reason = self._finish_reason(seq, token)
+        except Exception as e:  # noqa: BLE001
+            self._fail(seq, _describe("stop check failed", e))
+            return
+        if reason:
+            self._finish(seq, reason)
+        else:
+            self._emit(seq, finished=False)
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
@@ -198,32 +289,63 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool, error: str | None = None) -> None:
         new = seq.token_ids[seq.prompt_len + seq.num_sent:]
         seq.num_sent += len(new)
-        live = self._live.pop(seq.request_id) if finished else self._live[seq.request_id]
+        live = self._live.pop(seq.request_id, None) if finished else self._live.get(seq.request_id)
+        if live is None:
+            return
         try:
             live.on_output(RequestOutput(seq.request_id, new, finished, seq.finish_reason if finished else None, error))
-        except Exception:  # a broken consumer must not stop the loop
+        except Exception as e:  # a broken consumer must not stop the loop
             log.exception("output callback failed for %s", seq.request_id)
             if not finished:
-                self._finish(seq, "abort")
+                self._finish(seq, "error", error=_describe("output callback failed", e))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
+        self._leave_queue(seq)
         self.scheduler.finish(seq, reason)
         self._emit(seq, finished=True, error=error)
 
+    def _fail(self, seq: Sequence, error: str) -> None:
+        """Fail one request and free its blocks; whatever else breaks, its caller still hears why."""
+        log.error("request %s failed: %s", seq.request_id, error)
+        try:
+            self._finish(seq, "error", error=error)
+        except Exception:  # noqa: BLE001
+            log.exception("could not finish request %s cleanly", seq.request_id)
+        live = self._live.pop(seq.request_id, None)
+        if live is not None:  # _finish did not get as far as answering
+            _send(live, RequestOutput(seq.request_id, [], True, "error", error))
+
     def _drain_inbox(self) -> None:
-        while not self._inbox.empty():
-            item = self._inbox.get()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
             if isinstance(item, str):  # an abort
                 if item in self._live:
-                    self._finish(self._live[item].seq, "abort")
-            elif item.seq.request_id in self._live:
-                item.on_output(RequestOutput(item.seq.request_id, [], True, "error",
-                                             f"request id {item.seq.request_id!r} is already in flight"))
+                    seq = self._live[item].seq
+                    try:
+                        self._finish(seq, "abort")
+                    except Exception as e:  # noqa: BLE001
+                        self._fail(seq, _describe("abort failed", e))
             else:
-                self._live[item.seq.request_id] = item
-                self.scheduler.add(item.seq)
+                self._admit(item)
+
+    def _admit(self, live: Live) -> None:
+        seq = live.seq
+        try:
+            if seq.request_id in self._live:
+                raise ValueError(f"request id {seq.request_id!r} is already in flight")
+            self.scheduler.add(seq)
+        except Exception as e:  # noqa: BLE001  (refused: this request only)
+            with self._lock:
+                self._num_waiting -= 1
+            _send(live, RequestOutput(seq.request_id, [], True, "error", _describe("admission failed", e)))
+            return
+        self._live[seq.request_id] = live
+        self._queued.add(seq)
 
     def _drop_cancelled(self) -> None:
         # Asking the caller crosses a process boundary (Triton's stub IPC): a few times a second is enough.
@@ -232,5 +354,43 @@ class LLMEngine:
             return
         self._next_cancel_check = now + CANCEL_CHECK_INTERVAL_S
         for live in list(self._live.values()):
-            if live.is_cancelled and live.is_cancelled():
+            try:
+                cancelled = live.is_cancelled is not None and live.is_cancelled()
+            except Exception as e:  # noqa: BLE001
+                self._fail(live.seq, _describe("cancellation check failed", e))
+                continue
+            if cancelled:
                 self._finish(live.seq, "abort")
+
+    def _close(self, reason: str, died: bool) -> None:
+        """The loop is over: refuse new requests, answer every accepted one, report a death."""
+        with self._lock:
+            self.dead_reason = reason
+        lives = list(self._live.values())
+        self._live.clear()
+        while True:  # no add() can put more once dead_reason is set
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Live):
+                lives.append(item)
+        for live in lives:
+            try:
+                self.scheduler.finish(live.seq, "error")  # give its blocks back
+            except Exception:  # noqa: BLE001
+                log.exception("could not free the blocks of %s", live.seq.request_id)
+            _send(live, RequestOutput(live.seq.request_id, [], True, "error", reason))
+        if died and self.on_death:
+            try:
+                self.on_death(reason)
+            except Exception:  # noqa: BLE001
+                log.exception("on_death hook failed")
+
+
+def _send(live: Live, out: RequestOutput) -> None:
+    """A last word to a caller: its failure is logged, never raised."""
+    try:
+        live.on_output(out)
+    except Exception:  # noqa: BLE001
+        log.exception("output callback failed for %s", out.request_id)

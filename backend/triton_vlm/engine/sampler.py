@@ -6,22 +6,31 @@ import torch
 from .sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [B, vocab] float32, one row per sequence, in order."""
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+    """logits: [B, vocab], one row per sequence, in order.
+
+    Each entry is the row's next token, or the exception sampling that row raised: one bad
+    row fails its own request only.
+    """
+    tokens: list[int | Exception] = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for i, seq in enumerate(seqs):
-        if not seq.params.greedy:
-            tokens[i] = _sample_row(logits[i], seq)
+        try:
+            if not seq.params.greedy:
+                tokens[i] = _sample_row(logits[i], seq)
+        except Exception as e:  # noqa: BLE001  (reported per row by the engine)
+            tokens[i] = e
     return tokens
 
 
 def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
     p = seq.params
-    row = row / p.temperature
+    row = row.float() / p.temperature  # fp32: half-precision logits overflow at small temperatures
     if p.top_k > 0 and p.top_k < row.numel():
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs = torch.softmax(row, dim=-1)
+    if not torch.isfinite(probs).all():  # NaN logits, or a temperature that overflows them
+        raise ValueError(f"probabilities are not finite (temperature {p.temperature})")
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).

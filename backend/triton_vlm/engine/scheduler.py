@@ -88,10 +88,10 @@ class Scheduler:
         """Take a sequence out of the queues and give its blocks back."""
         if seq.status is Status.FINISHED:
             return
-        if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-        else:
-            self.waiting.remove(seq)
+        # Look in both queues: after a failure mid-step its status may not say where it is.
+        for q in (self.running, self.waiting):
+            if seq in q:
+                q.remove(seq)
         self.pool.free(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
