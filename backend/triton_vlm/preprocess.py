@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import threading
 from pathlib import Path
 
@@ -12,34 +13,121 @@ from PIL import Image, UnidentifiedImageError
 
 from .geometry import ModelGeometry
 
+DEFAULT_MAX_IMAGE_PIXELS = 16 * 1024 * 1024  # width x height (LLaVA resizes to 336 px anyway)
 
-def decode_image(data: bytes, field: str = "image") -> Image.Image:
-    """Accept an encoded image file (PNG/JPEG/WebP/...), its base64, or a data: URL of it."""
-    if not data:
+# Formats whose header, read by Image.open before any pixel is decoded, gives the size the decoder will allocate.
+# Others are refused (EPS would run Ghostscript; ICO learns its real size only on load).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (multi-picture JPEG)
+SUPPORTED = "supported: PNG, JPEG, WebP, GIF, BMP, TIFF"  # ends the "not an image" messages
+
+# PIL's bomb check is one process-wide limit that warns or raises its own error types inside Image.open. Ours is
+# the caller's max_pixels, checked on the header before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+_URL = re.compile(rb"\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_IMAGE_MEDIA_TYPE = re.compile(r"image/[a-z0-9][a-z0-9.+-]*", re.IGNORECASE)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def decode_image(data: bytes, field: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An encoded image file, its base64, or a data:image/<type>;base64 URL of it, as the RGB image that
+    transformers' convert_to_rgb makes of it. Bad input raises ValueError naming `field`; URLs are never fetched."""
+    img, sent_as = _open(bytes(data), field)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(f"{field}: {width}x{height} pixels exceeds the limit of {max_pixels} (max_image_pixels)")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001  corrupt data: OSError, SyntaxError, ValueError, EOFError, zlib.error...
+        raise ValueError(f"{field}: not a decodable image (truncated or corrupt {img.format}{sent_as}: {e})") from None
+    try:
+        return to_rgb(img)
+    except ValueError as e:  # a pixel mode PIL cannot convert
+        raise ValueError(f"{field}: not a decodable image ({img.mode} pixels: {e})") from None
+
+
+def _open(data: bytes, field: str) -> tuple[Image.Image, str]:
+    """The image with only its header read, and how it was sent: "" (the file itself), " sent as base64" or
+    " in a data URL"."""
+    start = data.lstrip()[:5].lower()
+    if not start:
         raise ValueError(f"{field}: empty")
-    raw = data
-    if raw[:5] == b"data:":
-        _, _, raw = raw.partition(b",")
+    if _URL.match(data, 0, 64):
+        raise ValueError(f"{field}: URLs are not fetched by this server; send the image bytes, base64 or a data: URL")
+    if start == b"data:":
+        payload = _b64decode(_data_url_payload(data, field))
+        if payload is None:
+            raise ValueError(f"{field}: not a decodable image (the data URL's payload is not valid base64)")
+        img = _header(payload, field, " in a data URL")
+        if img is None:
+            raise ValueError(f"{field}: not a decodable image (the data URL's payload is not a supported image file; "
+                             f"{SUPPORTED})")
+        return img, " in a data URL"
+    img = _header(data, field, "")
+    if img is not None:
+        return img, ""
+    decoded = _b64decode(data)
+    if decoded is None:
+        raise ValueError(f"{field}: not a decodable image (neither a supported image file nor base64 of one; "
+                         f"{SUPPORTED})")
+    img = _header(decoded, field, " sent as base64")
+    if img is None:
+        raise ValueError(f"{field}: not a decodable image (base64 decoded, but not to a supported image file; "
+                         f"{SUPPORTED})")
+    return img, " sent as base64"
+
+
+def _header(raw: bytes, field: str, sent_as: str) -> Image.Image | None:
+    """Image.open reads the header only. None when no supported format recognises the bytes."""
     try:
-        return _open(raw)
-    except (UnidentifiedImageError, OSError):
-        pass
-    try:
-        raw = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{field}: not a decodable image (neither an image file nor base64 of one)") from None
-    try:
-        return _open(raw)
+        return Image.open(io.BytesIO(raw), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ValueError(f"{field}: base64 decoded but is not a decodable image") from None
-    except OSError as e:  # a known format, but truncated or corrupt
-        raise ValueError(f"{field}: base64 decoded but is not a decodable image ({e})") from None
+        return None
+    except Exception as e:  # noqa: BLE001  a recognised format with a corrupt header; PIL raises many types
+        raise ValueError(f"{field}: not a decodable image (truncated or corrupt header{sent_as}: {e})") from None
 
 
-def _open(raw: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(raw))
-    img.load()  # decode now, so truncated files fail here and not inside the processor
+def _b64decode(text: bytes) -> bytes | None:
+    try:  # line-wrapped base64 (76 columns, as `base64` writes it) is fine
+        return base64.b64decode(text.translate(None, b" \t\r\n\f\v"), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _data_url_payload(data: bytes, field: str) -> bytes:
+    """The payload of data:image/<type>[;name=value...];base64,<payload>."""
+    header, comma, payload = data.lstrip().partition(b",")
+    media_type, *params = header[5:].decode("latin-1").split(";")
+    problem = ("no ',' before the payload" if not comma else
+               "the media type is not image/*" if not _IMAGE_MEDIA_TYPE.fullmatch(media_type) else
+               "the payload is not marked ;base64" if not params or params[-1].lower() != "base64" else None)
+    if problem:
+        raise ValueError(f"{field}: malformed data URL header {header[:64].decode('latin-1')!r} ({problem}); "
+                         "expected data:image/<type>;base64,<payload>")
+    return payload
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as transformers' convert_to_rgb makes it (image_transforms.py; every image processor with do_convert_rgb
+    calls it on PIL images): transparency is composited onto white, anything else is Image.convert("RGB")."""
+    if img.mode in _SIXTEEN_BIT:
+        img = _sixteen_bit_to_8(img)
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
+
+
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+    """16-bit grey by its high byte, as PIL already reads 16-bit RGB(A) PNGs. Here we differ from HF on purpose:
+    convert_to_rgb clips every value above 255 to white, so a 16-bit photo would arrive all but blank."""
+    wide = np.asarray(img)
+    grey = Image.fromarray((wide >> 8).astype(np.uint8))
+    key = img.info.get("transparency")
+    if key is None:
+        return grey
+    alpha = Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8))  # the transparent key stays transparent
+    return Image.merge("LA", (grey, alpha))
 
 
 class Preprocessor:
@@ -61,9 +149,25 @@ class Preprocessor:
     def count_placeholders(self, text: str) -> int:
         return text.count(self.image_token)
 
-    def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
+    def pixel_values(self, images: list[Image.Image], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        """images[i] is the request's image[i]; one too elongated for the processor's resize raises ValueError."""
+        for i, img in enumerate(images):
+            self._check_resize(img, f"image[{i}]", max_pixels)
         out = self.image_processor(images=images, return_tensors="np")["pixel_values"]
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _check_resize(self, img: Image.Image, field: str, max_pixels: int) -> None:
+        """A shortest_edge resize keeps the aspect ratio with no bound on the long side, so a 1x100000 image would
+        become 336x33600000 inside the processor. Refuse it if that (computed as HF does) exceeds max_pixels."""
+        proc = self.image_processor
+        edge = proc.size.get("shortest_edge") if proc.do_resize and not proc.size.get("longest_edge") else None
+        if not edge:
+            return
+        short, long = sorted(img.size)
+        resized = edge * int(edge * long / short)  # as get_resize_output_image_size computes the long side
+        if resized > max_pixels:
+            raise ValueError(f"{field}: {img.width}x{img.height} pixels would be resized to {resized} pixels (shortest "
+                             f"edge {edge}), which exceeds the limit of {max_pixels} (max_image_pixels)")
 
     def input_ids(self, text: str) -> list[int]:
         """Each placeholder becomes image_seq_len image tokens, as LlavaProcessor does, then tokenize."""
