@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-vlm"  # shipped: the default model
+# A small pool keeps test servers light; 512 blocks of 16 tokens is ample for the test prompts.
+LLM_PARAMS = {"num_kv_blocks": "512", "block_size": "16", "torch_threads": "1"}
 
 # A second geometry: wider GQA ratio, head_dim not hidden/heads, last-layer features with CLS kept.
 SECOND_GEOMETRY = dict(heads=8, kv_heads=2, head_dim=12, hidden=48, vision_feature_layer=-1, strategy="full",
@@ -71,3 +73,46 @@ def rng_image(seed: int, size=(40, 60)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def serve(checkpoint, tmp_path_factory, name, llm: dict | None = None, limits=None):
+    """Build a repository for a checkpoint and start a real tritonserver on free ports."""
+    from triton_vlm.limits import ServingLimits
+    from triton_vlm.repository import BuildOptions, build_repository
+    from triton_vlm.server import TritonServer
+
+    options = BuildOptions(llm={**LLM_PARAMS, **(llm or {})}, limits=limits or ServingLimits())
+    repo = build_repository(checkpoint, tmp_path_factory.mktemp(name) / "repo", options)
+    return TritonServer(repo, log_path=repo.parent / "server.log").start()
+
+
+def metric(server, name: str) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+    assert match, f"{name} not exported"
+    return float(match.group(1))
+
+
+def wait_for_metric(server, name: str, want: float, timeout: float = 10) -> float:
+    """The metric once it equals `want`, or its last value after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (value := metric(server, name)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def stub_pids(server) -> dict[str, int]:
+    """The server's Python-backend stubs by instance name (e.g. llm_0_0)."""
+    import psutil
+
+    stubs = {}
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        argv = child.cmdline()
+        if argv and argv[0].endswith("triton_python_backend_stub"):
+            stubs[argv[-2]] = child.pid
+    return stubs

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .geometry import ModelGeometry
+from .limits import ServingLimits
 
 ADAPTERS = Path(__file__).resolve().parents[2] / "model_repository"
 VISION_BACKENDS = ("onnxruntime", "tensorrt")
@@ -22,7 +23,7 @@ class BuildOptions:
     vision_queue_delay_us: int = 2000  # how long dynamic batching waits to group images
     vision_instances: int = 1
     ort_intra_op_threads: int = 0
-    max_concurrent_requests: int = 64
+    limits: ServingLimits = field(default_factory=ServingLimits)  # what one vlm request may ask for
     llm: dict[str, str] = field(default_factory=dict)  # EngineConfig fields, e.g. {"block_size": "16"}
 
 
@@ -40,7 +41,7 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
 
     _build_vision(checkpoint, output / "vision_encoder", geometry, options)
     _write(output / "llm", llm_config(checkpoint, options))
-    _write(output / "vlm", vlm_config(checkpoint, options))
+    _write(output / "vlm", vlm_config(checkpoint, options, geometry))
     return output
 
 
@@ -100,7 +101,8 @@ input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
-  {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
@@ -111,13 +113,21 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
 
-def vlm_config(checkpoint: Path, o: BuildOptions) -> str:
+def max_model_len(g: ModelGeometry, o: BuildOptions) -> int:
+    """The engine's context length: the checkpoint's, or less if the llm params ask for less."""
+    asked = int(o.llm.get("max_model_len") or 0)
+    return min(asked or g.max_model_len, g.max_model_len)
+
+
+def vlm_config(checkpoint: Path, o: BuildOptions, g: ModelGeometry | None = None) -> str:
+    g = g or ModelGeometry.from_checkpoint(checkpoint)
+    limits = o.limits.resolved(max_model_len(g, o))
     return f"""name: "vlm"
 backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
-  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
@@ -133,6 +143,5 @@ output [
   {{ name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
-          "max_concurrent_requests": o.max_concurrent_requests})}
+{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}
 """

@@ -1,14 +1,12 @@
-"""End to end through a real tritonserver: HF parity, batching, bad input, clean shutdown."""
+"""End to end through a real tritonserver: HF parity, batching, streaming, cancellation, optional outputs."""
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import PROMPTS, images_for, rng_image
+from helpers import PROMPTS, images_for, metric, rng_image
 from triton_vlm import client
 
 MAX_TOKENS = 24
@@ -21,13 +19,6 @@ def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], s
     if stream:
         return "".join(client.stream_http(server.http_url, prompt, images, sampling))
     return client.generate_http(server.http_url, prompt, images, sampling)
-
-
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
-    assert match, f"{name} not exported"
-    return float(match.group(1))
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 2])
@@ -89,32 +80,6 @@ def test_concurrent_requests_each_return_their_solo_output(tiny_server, hf_tiny,
         time.sleep(0.2)
     assert metric(tiny_server, "triton_vlm_kv_blocks_used") == 0
     assert metric(tiny_server, "triton_vlm_kv_blocks_total") == 512
-
-
-BAD_REQUESTS = [
-    # Over HTTP the client base64-encodes every image, so the server reports the decoded payload.
-    (PROMPTS[1], [b"definitely not an image"], GREEDY, r"image\[0\]: .*not a decodable image"),
-    (PROMPTS[1], [b"\x89PNG\r\n\x1a\n" + b"\0" * 40], GREEDY, r"image\[0\]: .*not a decodable image"),
-    (PROMPTS[1], [b"iVBORw0KGgoAAAANSUhEUgAA"], GREEDY, r"image\[0\]: base64 decoded but is not a decodable image"),
-    (PROMPTS[1], ["two", "images"], GREEDY, r"image: 2 image\(s\) sent but text_input has 1 <image> placeholder"),
-    (PROMPTS[2], ["one"], GREEDY, r"image: 1 image\(s\) sent but text_input has 2 <image> placeholder"),
-    (PROMPTS[0], [], {"temperature": -1}, r"sampling_parameters.temperature: must be >= 0"),
-    (PROMPTS[0], [], {"max_tokens": "many"}, r"sampling_parameters.max_tokens: invalid value"),
-    (PROMPTS[0], [], {"presence_penalty": 0.5}, r"sampling_parameters.presence_penalty: not supported yet"),
-    (PROMPTS[0], [], {"temprature": 0.5}, r"sampling_parameters.temprature: unknown sampling parameter"),
-    ("USER: " + "word " * 5000 + "\nASSISTANT:", [], GREEDY, r"input_ids: prompt has \d+ tokens"),
-]
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("prompt,images,sampling,message", BAD_REQUESTS)
-def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(tiny_server, hf_tiny, photos, protocol,
-                                                                   prompt, images, sampling, message):
-    images = [i.encode() if isinstance(i, str) else i for i in images]
-    with pytest.raises(client.VLMError, match=message):
-        ask(tiny_server, protocol, protocol == "grpc", prompt, images, sampling)
-    good = images_for(1, photos)
-    assert ask(tiny_server, protocol, True, PROMPTS[1], good) == hf_tiny.generate(PROMPTS[1], good, MAX_TOKENS)
 
 
 def test_vllm_backend_style_string_parameters(tiny_server, hf_tiny):

@@ -31,6 +31,9 @@ from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 0.05
+# A request that waits (queued, prefilling, preempted) gets an empty output this often: its caller
+# learns the engine is alive and gets a turn to notice its own client's cancellation.
+KEEPALIVE_S = 0.25
 
 
 class EngineBusy(RuntimeError):
@@ -289,6 +292,7 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool, error: str | None = None) -> None:
         new = seq.token_ids[seq.prompt_len + seq.num_sent:]
         seq.num_sent += len(new)
+        seq.emitted_at = time.monotonic()
         live = self._live.pop(seq.request_id, None) if finished else self._live.get(seq.request_id)
         if live is None:
             return
@@ -361,6 +365,8 @@ class LLMEngine:
                 continue
             if cancelled:
                 self._finish(live.seq, "abort")
+            elif now - live.seq.emitted_at >= KEEPALIVE_S:
+                self._emit(live.seq, finished=False)
 
     def _close(self, reason: str, died: bool) -> None:
         """The loop is over: refuse new requests, answer every accepted one, report a death."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     num_sent: int = 0  # generated tokens already handed to the caller
+    emitted_at: float = field(default_factory=time.monotonic)  # when the caller last heard of it
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.token_ids)

@@ -2,10 +2,15 @@
 
 execute() validates each request and hands it to the engine's loop thread, then returns at
 once; the loop streams each step's new token ids back through the request's response sender.
+
+Should the loop thread ever die, every request gets an error naming the cause, `is_ready` turns
+false (Tritons that ask it) and the stub exits shortly after, so that Triton 2.51 too sees the
+model unhealthy and `triton-vlm serve` reloads it.
 """
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import fields
 
 import numpy as np
@@ -13,11 +18,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..engine.config import EngineConfig
-from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.llm_engine import EngineBusy, EngineDead, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
-from .params import error_response, model_parameters, optional_input, scalar
+from .params import error_response, flag, model_parameters, optional_input, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+EXIT_AFTER_DEATH_S = 2.0  # time for the error responses to leave before the stub exits
+# Triton 2.51's stub is not safe for concurrent pb_utils calls (see triton/vlm.py): the engine
+# thread and execute() both send, so every call on a request or its sender holds this lock.
+PB_LOCK = threading.RLock()
 
 
 class TritonPythonModel:
@@ -27,28 +36,50 @@ class TritonPythonModel:
         # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
         torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
-        self._families, gauges = _gauges()
-        self.engine.on_step = lambda stats: [g.set(v) for g, v in zip(gauges, stats)]
-        self.engine.on_step(self.engine.stats())
+        self._families, self._gauges = _gauges()
+        gauges = self._gauges
+        if gauges:
+            # The engine thread sets them: under PB_LOCK (a racing Metric.set segfaulted the stub).
+            self.engine.on_step = _locked(lambda stats: [g.set(v) for g, v in zip(gauges, stats)])
+            self.engine.on_step(self.engine.stats())
+        self.engine.on_death = _exit_soon
         self.engine.start()
         pb_utils.Logger.log_info(f"llm: {self.engine.runner.num_blocks} KV blocks of {config.block_size} tokens "
                                  f"on {self.engine.runner.device} ({self.engine.runner.dtype})")
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
-            if scalar(optional_input(pb_utils, request, "abort"), "abort", False):
-                # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.
-                self.engine.abort(request.request_id())
-                sender.send(flags=FINAL)
-                continue
-            try:
-                seq = self._sequence(request)
-            except ValueError as e:
-                sender.send(error_response(pb_utils, str(e)), flags=FINAL)
-                continue
-            self.engine.add(seq, _streamer(sender), is_cancelled=sender.is_cancelled)
+            with PB_LOCK:
+                self._execute_one(request)
         return None
+
+    def _execute_one(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            self._execute(request, sender)
+        except ValueError as e:
+            sender.send(error_response(pb_utils, str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
+        except (EngineBusy, EngineDead) as e:
+            sender.send(error_response(pb_utils, str(e), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+        except Exception as e:  # noqa: BLE001  (one bad request must not fail the others in the batch)
+            pb_utils.Logger.log_error(f"llm: request failed: {e!r}")
+            sender.send(error_response(pb_utils, f"internal error: {e}", pb_utils.TritonError.INTERNAL), flags=FINAL)
+
+    def _execute(self, request, sender) -> None:
+        if flag(pb_utils, request, "ping"):  # vlm asks whether we still serve
+            if not self.engine.alive:
+                raise EngineDead(f"llm engine stopped: {self.engine.dead_reason}")
+            sender.send(flags=FINAL)
+        elif flag(pb_utils, request, "abort"):
+            # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.
+            self.engine.abort(request.request_id())
+            sender.send(flags=FINAL)
+        else:
+            self.engine.add(self._sequence(request), _streamer(sender), is_cancelled=_locked(sender.is_cancelled))
+
+    def is_ready(self) -> bool:
+        """Asked by Tritons whose Python backend supports it (newer than 2.51)."""
+        return self.engine.alive
 
     def _sequence(self, request):
         ids = optional_input(pb_utils, request, "input_ids")
@@ -64,7 +95,12 @@ class TritonPythonModel:
         return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds)
 
     def finalize(self):
+        self.engine.on_step = None
         self.engine.stop()
+        # Drop the metrics while the stub can still tell the server: freed at interpreter exit
+        # instead, they segfaulted it (Metric::SaveToSharedMemory) and stalled the shutdown.
+        with PB_LOCK:
+            self._gauges = self._families = None
 
 
 def engine_config(params: dict[str, str]) -> EngineConfig:
@@ -74,21 +110,39 @@ def engine_config(params: dict[str, str]) -> EngineConfig:
                            for f in fields(EngineConfig) if params.get(f.name, "") != ""})
 
 
+def _exit_soon(reason: str) -> None:
+    """The engine loop died: leave, so Triton marks this stub unhealthy and the supervisor reloads it."""
+    pb_utils.Logger.log_error(f"llm: engine loop died ({reason}); the stub exits in {EXIT_AFTER_DEATH_S:g} s")
+    threading.Timer(EXIT_AFTER_DEATH_S, os._exit, args=(1,)).start()
+
+
 def _gauges():
-    """Prometheus gauges on Triton's metrics port, in EngineStats order."""
+    """Prometheus gauges on Triton's metrics port, in EngineStats order; none if metrics are off."""
     names = [("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
              ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
              ("preemptions", "sequences preempted so far")]
     # A family must outlive its metrics, so both are kept.
-    families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
-                for n, d in names]
-    return families, [f.Metric(labels={"model": "llm"}) for f in families]
+    try:
+        families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
+                    for n, d in names]
+        return families, [f.Metric(labels={"model": "llm"}) for f in families]
+    except Exception as e:  # noqa: BLE001  (--allow-metrics=false: serve without gauges)
+        pb_utils.Logger.log_warn(f"llm: engine gauges not exported ({e})")
+        return [], []
+
+
+def _locked(fn):
+    def call(*args):
+        with PB_LOCK:
+            return fn(*args)
+    return call
 
 
 def _streamer(sender):
+    @_locked
     def send(out: RequestOutput) -> None:
         if out.error:
-            sender.send(error_response(pb_utils, out.error), flags=FINAL)
+            sender.send(error_response(pb_utils, out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
             return
         tensors = [pb_utils.Tensor("output_ids", np.asarray(out.new_token_ids, dtype=np.int64))]
         if out.finished:

@@ -36,5 +36,10 @@ def text(value, name: str) -> str:
     return str(value)
 
 
-def error_response(pb_utils, message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def flag(pb_utils, request, name: str) -> bool:
+    """An optional BOOL [1] input; false when absent."""
+    return bool(scalar(optional_input(pb_utils, request, name), name, False))
+
+
+def error_response(pb_utils, message: str, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
