@@ -5,7 +5,10 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
+
+from .limits import ServingLimits
 
 
 def cmd_make_tiny(args) -> None:
@@ -18,22 +21,42 @@ def cmd_build(args) -> None:
     from .repository import BuildOptions, build_repository
 
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
+    limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
-                           llm=llm)
+                           limits=limits, llm=llm)
     print(build_repository(args.model, args.output, options))
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per ServingLimits field, with its default."""
+    group = parser.add_argument_group("serving limits (what one vlm request may ask for)")
+    for f in fields(ServingLimits):
+        default = getattr(ServingLimits(), f.name)
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                           help=f"default {default}" + (" (from the model)" if default == 0 else ""))
 
 
 def cmd_serve(args) -> None:
     from .server import Ports, TritonServer
+    from .supervisor import Supervisor
 
+    # The supervisor reloads models, so it needs explicit model control; without it the model APIs stay shut.
     server = TritonServer(args.model_repository, Ports.pick(args.http_port, args.grpc_port, args.metrics_port),
-                          host=args.host, log_path=args.log_file, verbose=args.verbose)
+                          host=args.host, log_path=args.log_file, verbose=args.verbose, model_control=args.supervise,
+                          metrics=args.metrics, admin_header=args.restrict_admin)
     # SIGTERM takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        started = time.monotonic()
         server.start(timeout=args.timeout)
-        print(f"triton-vlm: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
-              flush=True)
+        print(f"triton-vlm: ready  http={server.http_url}  grpc={server.grpc_url}  "
+              f"metrics={server.metrics_url or 'off'}", flush=True)
+        if args.supervise:
+            # Reloading one model should not take 3x the whole first start; beyond that the server is wedged.
+            load_timeout = max(30.0, 3 * (time.monotonic() - started))
+            # Returns only by raising: GaveUp (a RuntimeError) after too many recoveries, or the interrupt.
+            Supervisor(server, max_restarts=args.max_restarts, load_timeout=load_timeout,
+                       start_timeout=args.timeout).run()
         while server.proc.poll() is None:
             time.sleep(0.5)
         print(f"triton-vlm: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
@@ -45,6 +68,17 @@ def cmd_serve(args) -> None:
         sys.exit(1)
     finally:
         server.stop()
+
+
+def admin_header(text: str) -> tuple[str, str]:
+    from .server import check_admin_header
+
+    key, _, value = text.partition("=")
+    try:
+        check_admin_header(key, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return key, value
 
 
 def cmd_install_stub(args) -> None:
@@ -69,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096")
+    add_limit_flags(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C or SIGTERM")
@@ -80,6 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-file", type=Path, help="write the server log here instead of the terminal")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--no-supervise", dest="supervise", action="store_false",
+                   help="do not restart a dead server or reload a model whose stub died")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="recoveries allowed within 10 minutes before serve gives up and exits 1")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="turn Triton's metrics port off")
+    p.add_argument("--restrict-admin", type=admin_header, metavar="KEY=VALUE",
+                   help="model-repository, shared-memory, trace and logging APIs answer only requests carrying "
+                        "this HTTP header (gRPC: metadata triton-grpc-protocol-KEY=VALUE); inference, health and "
+                        "statistics stay open")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("install-stub", help="put the Python-backend stub where tritonserver finds it")

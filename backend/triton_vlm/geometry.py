@@ -72,10 +72,13 @@ class ModelGeometry:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelGeometry":
         path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = read_json(path / "config.json")
         if "text_config" not in cfg or "vision_config" not in cfg:
             raise ValueError(f"{path}/config.json is not a LLaVA-style checkpoint (needs text_config and vision_config)")
-        text = _text_geometry(cfg["text_config"], cfg)
+        try:
+            text = _text_geometry(cfg["text_config"], cfg)
+        except KeyError as e:
+            raise ValueError(f"{path / 'config.json'}: text_config lacks {e.args[0]!r}") from None
         v = cfg["vision_config"]
         tower = v.get("model_type", "clip_vision_model")
         if tower not in ("clip_vision_model", "siglip_vision_model"):
@@ -93,6 +96,19 @@ class ModelGeometry:
             eos_token_ids=_eos_ids(path, cfg["text_config"]),
             dtype=cfg.get("dtype") or cfg.get("torch_dtype") or cfg["text_config"].get("torch_dtype") or "float32",
         )
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; errors name the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _text_geometry(t: dict, top: dict) -> TextGeometry:
@@ -128,7 +144,7 @@ def _text_geometry(t: dict, top: dict) -> TextGeometry:
 
 def _eos_ids(path: Path, text_cfg: dict) -> tuple[int, ...]:
     gen = path / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
+    eos = read_json(gen).get("eos_token_id") if gen.exists() else None
     if eos is None:
         eos = text_cfg.get("eos_token_id")
     if eos is None:
@@ -140,7 +156,7 @@ def _image_token(path: Path) -> str:
     for name in ("processor_config.json", "tokenizer_config.json"):
         f = path / name
         if f.exists():
-            cfg = json.loads(f.read_text())
+            cfg = read_json(f)
             extra = cfg.get("extra_special_tokens")
             token = cfg.get("image_token") or (extra.get("image_token") if isinstance(extra, dict) else None)
             if isinstance(token, str):

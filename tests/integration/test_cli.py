@@ -1,24 +1,55 @@
 """The `triton-vlm` command as a user runs it: make-tiny, build, serve, stop with SIGTERM."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
+from helpers import LLM_PARAMS
 
 from triton_vlm import client
+from triton_vlm.repository import BuildOptions, build_repository
 from triton_vlm.server import free_port
 
 CLI = [sys.executable, "-m", "triton_vlm.cli"]
 
 
-def stub_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def repo_processes(repo: Path) -> list[psutil.Process]:
+    """Live processes serving this repository: tritonserver names it, each stub its model.py in it."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any(str(repo) in arg for arg in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def serve(repo: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, int, int]:
+    """`triton-vlm serve` on free ports; returns the process and its gRPC and metrics ports."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(CLI + ["serve", "--model-repository", str(repo), "--http-port", str(http),
+                                   "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                   "--log-file", str(tmp_path / "server.log"), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, grpc, metrics
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM first: a SIGKILLed serve cannot stop its server, which then lives on."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
@@ -41,24 +72,38 @@ def test_make_tiny_build_serve_and_sigterm(tmp_path):
     subprocess.run(CLI + ["make-tiny", str(ckpt)], check=True, capture_output=True)
     subprocess.run(CLI + ["build", "--model", str(ckpt), "--output", str(repo), "--llm-param", "num_kv_blocks=64"],
                    check=True, capture_output=True)
-    before = stub_pids()
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    proc = subprocess.Popen(CLI + ["serve", "--model-repository", str(repo), "--http-port", str(http),
-                                   "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                                   "--log-file", str(tmp_path / "server.log")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, grpc, _ = serve(repo, tmp_path)  # supervised, the default
     try:
         wait_for_line(proc, "triton-vlm: ready", 300)
         answer = client.generate_grpc(f"127.0.0.1:{grpc}", "USER: hi\nASSISTANT:", [], {"max_tokens": 4})
         assert isinstance(answer, str)
-        assert stub_pids() - before, "the models should run in Python-backend stubs"
+        names = [p.name() for p in repo_processes(repo)]
+        assert names.count("tritonserver") == 1 and names.count("triton_python_backend_stub") == 3, names
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
     time.sleep(1)
-    assert not (stub_pids() - before), "stub processes outlived the server"
+    assert repo_processes(repo) == [], "the server or its stubs outlived triton-vlm serve"
+
+
+def test_serve_without_metrics_still_serves(tiny_checkpoint, hf_tiny, tmp_path):
+    repo = build_repository(tiny_checkpoint, tmp_path / "repo", BuildOptions(llm=LLM_PARAMS))
+    proc, grpc, metrics = serve(repo, tmp_path, "--no-metrics", "--no-supervise")
+    try:
+        line = wait_for_line(proc, "triton-vlm: ready", 300)
+        assert "metrics=off" in line
+        with pytest.raises(urllib.error.URLError):  # nothing listens on the metrics port
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5)
+        greedy = {"max_tokens": 8, "temperature": 0}
+        assert client.generate_grpc(f"127.0.0.1:{grpc}", "USER: hi\nASSISTANT:", [], greedy) == \
+            hf_tiny.generate("USER: hi\nASSISTANT:", [], 8)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        stop(proc)
+    time.sleep(1)
+    assert repo_processes(repo) == []
 
 
 def test_a_broken_repository_shows_the_servers_own_error(tmp_path):
@@ -71,3 +116,11 @@ def test_a_broken_repository_shows_the_servers_own_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "tritonserver exited" in proc.stderr and "TYPE_NOPE" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["novalue", "Admin-Key=x", "key=a:b", "=x"])
+def test_a_malformed_restrict_admin_is_refused_by_name(flag, tmp_path):
+    proc = subprocess.run(CLI + ["serve", "--model-repository", str(tmp_path), "--restrict-admin", flag],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"argument --restrict-admin: admin header {flag}" in proc.stderr, proc.stderr

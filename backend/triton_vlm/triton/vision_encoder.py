@@ -26,7 +26,12 @@ class TritonPythonModel:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         path = Path(args["model_repository"]) / str(args["model_version"]) / "model.onnx"
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; rebuild the repository with `triton-vlm build`")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise RuntimeError(f"{path}: not a loadable ONNX model ({e})") from None
         # [batch, 3, H, W]; H and W are fixed by the export, the batch axis is symbolic.
         self.image_shape = tuple(self.session.get_inputs()[0].shape[1:])
 
