@@ -236,10 +236,10 @@ class TritonPythonModel:
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent_requests)
         self.llm_health = LLMHealth()
         self._in_flight: dict[str, InFlight] = {}
-        threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True).start()
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self._stopping = False
+        threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True).start()
 
     def execute(self, requests):
         for request in requests:
