@@ -35,7 +35,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
 INPUTS = ("text_input", "image", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
-POLL_S = 0.05  # how often a waiting request looks at cancellation, shutdown and llm health
+POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
 # Triton 2.51's stub is not safe for pb_utils used from several threads at once: with concurrent
