@@ -28,7 +28,7 @@ from ..detokenizer import Detokenizer
 from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
 from ..preprocess import Preprocessor, decode_image
-from .params import model_parameters, optional_input, scalar, text
+from .params import error_response, model_parameters, optional_input, scalar, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
@@ -85,7 +85,7 @@ class Reply:
 
     def fail(self, message: str, code) -> None:
         with PB_LOCK:
-            self._send(lambda: pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), True)
+            self._send(lambda: error_response(pb_utils, message, code), True)
 
     def _send(self, build, final: bool) -> None:
         if self.closed:
