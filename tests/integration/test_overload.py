@@ -123,7 +123,7 @@ def test_a_full_engine_queue_refuses_with_server_busy_over_http_too(busy_server)
 def cancel_server(tiny_checkpoint, tmp_path_factory):
     # One running sequence at a time and a tiny token budget: requests queue, long prompts prefill in chunks.
     server = serve(tiny_checkpoint, tmp_path_factory, "cancel",
-                   llm={"max_num_seqs": "1", "max_num_batched_tokens": "8"})
+                   llm={"max_num_seqs": "1", "max_num_batched_tokens": "1"})
     yield server
     server.stop()
 
@@ -141,8 +141,9 @@ def test_cancelling_a_queued_request_removes_it_from_the_engine(cancel_server):
 
 
 def test_cancelling_a_prefilling_request_frees_its_blocks(cancel_server):
-    # ~1600 prompt tokens at 8 a step: prefill takes hundreds of steps, and no token comes out meanwhile.
-    prompt = "USER: " + "word " * 400 + "\nASSISTANT:"
+    # ~1930 prompt tokens at 1 a step: prefill takes ~1930 steps (1.3 s in-process here; at 8 a step
+    # CI once finished it within the 0.3 s below), and no token comes out meanwhile.
+    prompt = "USER: " + "word " * 480 + "\nASSISTANT:"
     grpc, answers = start_stream(cancel_server.grpc_url, prompt)
     assert wait_for_metric(cancel_server, "triton_vlm_requests_running", 1) == 1
     time.sleep(0.3)
