@@ -254,7 +254,10 @@ class TritonServer:
             return
         if proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGINT)
+                # The server alone: it unloads its models and finalizes their stubs. A SIGINT to the
+                # whole group also interrupted the stubs mid-call (llm then segfaulted in Triton's
+                # metric code at exit).
+                proc.send_signal(signal.SIGINT)
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -59,8 +59,11 @@ class TritonPythonModel:
             self._execute(request, sender)
         except ValueError as e:
             sender.send(error_response(pb_utils, str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
-        except (EngineBusy, EngineDead) as e:
+        except EngineBusy as e:
             sender.send(error_response(pb_utils, str(e), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+        except EngineDead as e:
+            sender.send(error_response(pb_utils, f"llm engine stopped: {e}", pb_utils.TritonError.UNAVAILABLE),
+                        flags=FINAL)
         except Exception as e:  # noqa: BLE001  (one bad request must not fail the others in the batch)
             pb_utils.Logger.log_error(f"llm: request failed: {e!r}")
             sender.send(error_response(pb_utils, f"internal error: {e}", pb_utils.TritonError.INTERNAL), flags=FINAL)
@@ -68,7 +71,7 @@ class TritonPythonModel:
     def _execute(self, request, sender) -> None:
         if flag(pb_utils, request, "ping"):  # vlm asks whether we still serve
             if not self.engine.alive:
-                raise EngineDead(f"llm engine stopped: {self.engine.dead_reason}")
+                raise EngineDead(self.engine.dead_reason)
             sender.send(flags=FINAL)
         elif flag(pb_utils, request, "abort"):
             # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ PING_TIMEOUT_S = 5.0
 # segfault). So every pb_utils object is created, used and dropped under this lock, only plain
 # data crosses threads, and waits for a BLS response happen outside it.
 PB_LOCK = threading.RLock()
+# How long a finished BLS stream is kept before we drop it (see Streams).
+STREAM_GRACE_S = 10.0
 
 
 class VLMRequest(NamedTuple):
@@ -115,6 +118,34 @@ class Reply:
             return self.sender.is_cancelled()
 
 
+class Streams:
+    """Finished BLS response streams, kept a while and then dropped under PB_LOCK.
+
+    Triton 2.51's stub also holds each stream in a map that its utils thread erases, without the
+    GIL, once the stream ends. If that erase drops the last reference, the responses' numpy arrays
+    are freed without the GIL and, with other threads running, the heap is corrupted ("Tried to
+    deallocate unregistered instance", "unaligned fastbin chunk"; fixed upstream after 24.12 by
+    "Hold GIL when deleting numpy array"). Holding our reference well past that erase makes ours
+    the last one, released with the GIL and under PB_LOCK.
+    """
+
+    def __init__(self, grace_s: float = STREAM_GRACE_S):
+        self.grace_s = grace_s
+        self._kept: deque = deque()  # (release time, stream), oldest first
+
+    def keep(self, stream) -> None:
+        self._kept.append((time.monotonic() + self.grace_s, stream))
+
+    def release_expired(self) -> None:
+        now = time.monotonic()
+        with PB_LOCK:
+            while self._kept and self._kept[0][0] <= now:
+                self._kept.popleft()
+
+
+STREAMS = Streams()
+
+
 class LLMOutput(NamedTuple):
     """One llm response as plain data."""
     ids: list[int]
@@ -148,6 +179,7 @@ def llm_outputs(request):
             yield out
     finally:
         with PB_LOCK:
+            STREAMS.keep(responses)
             del responses
 
 
@@ -219,6 +251,7 @@ def llm_control(flag_name: str, request_id: str = "") -> list[str]:
                     errors.append(response.error().message())
                 del response
         with PB_LOCK:
+            STREAMS.keep(responses)
             del responses
         return errors
     return bounded(run, PING_TIMEOUT_S, f"llm {flag_name}")
@@ -362,6 +395,7 @@ class TritonPythonModel:
         """Answer the clients of requests whose llm went silent: a dead llm stub never answers again."""
         while not self._stopping:
             time.sleep(PING_AFTER_S / 4)
+            STREAMS.release_expired()
             now = time.monotonic()
             silent = [f for f in list(self._in_flight.values()) if now - f.heard_at > PING_AFTER_S]
             if not silent:
@@ -470,9 +504,13 @@ def read_inputs(request) -> dict[str, np.ndarray | None]:
 
 
 def _llm_error(error) -> RequestError:
-    """Keep llm's own error code (bad input stays INVALID_ARG, busy stays UNAVAILABLE)."""
-    code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
-    return RequestError(f"llm: {error.message()}", code)
+    """Triton 2.51 drops the status code of an error that crosses BLS (all arrive as INTERNAL), so
+    llm's refusals for lack of capacity are recognised by their wording: clients get UNAVAILABLE
+    (HTTP 503, which they retry). Anything else llm refuses, vlm has already checked: INTERNAL."""
+    message = error.message()
+    unavailable = message.startswith(("server busy", "llm engine stopped"))
+    return RequestError(f"llm: {message}",
+                        pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INTERNAL)
 
 
 def _nbytes(array: np.ndarray) -> int:
