@@ -384,7 +384,7 @@ def run_phase(cfg: SoakConfig, endpoints: Endpoints, phase: int, concurrency: in
 
 
 def run_soak(cfg: SoakConfig, endpoints: Endpoints, log: Callable[[str], None] = lambda line: None) -> SoakResult:
-    if "cancel" in cfg.invalid_kinds and not set(cfg.protocols) & set(STREAMING):
+    if cfg.invalid_fraction and "cancel" in cfg.invalid_kinds and not set(cfg.protocols) & set(STREAMING):
         raise ValueError(f"invalid kind 'cancel' needs a streaming protocol ({', '.join(STREAMING)})")
     for url in (endpoints.grpc_url, endpoints.http_url, endpoints.metrics_url or "127.0.0.1"):
         host = url.split("://")[-1].split(":")[0]

@@ -26,7 +26,8 @@ class VisionEncoder(torch.nn.Module):
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "VisionEncoder":
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(str(checkpoint_dir), dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(str(checkpoint_dir), dtype=torch.float32,
+                                                            use_safetensors=True)  # never unpickle weights
         cfg = model.config
         encoder = cls(model.model.vision_tower, model.model.multi_modal_projector,
                       cfg.vision_feature_layer, cfg.vision_feature_select_strategy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..engine.config import EngineConfig
-from ..engine.llm_engine import EngineBusy, EngineDead, LLMEngine, RequestOutput
+from ..engine.llm_engine import EngineBusy, EngineDead, EngineStats, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .params import error_response, flag, model_parameters, optional_input, scalar
 
@@ -36,11 +37,10 @@ class TritonPythonModel:
         # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
         torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
-        self._families, self._gauges = _gauges()
-        gauges = self._gauges
-        if gauges:
-            # The engine thread sets them: under PB_LOCK (a racing Metric.set segfaulted the stub).
-            self.engine.on_step = _locked(lambda stats: [g.set(v) for g, v in zip(gauges, stats)])
+        self._families, metrics = _gauges()
+        self._gauges = Gauges(metrics) if metrics else None
+        if self._gauges:
+            self.engine.on_step = self._gauges.publish
             self.engine.on_step(self.engine.stats())
         self.engine.on_death = _exit_soon
         self.engine.start()
@@ -117,6 +117,34 @@ def _exit_soon(reason: str) -> None:
     """The engine loop died: leave, so Triton marks this stub unhealthy and the supervisor reloads it."""
     pb_utils.Logger.log_error(f"llm: engine loop died ({reason}); the stub exits in {EXIT_AFTER_DEATH_S:g} s")
     threading.Timer(EXIT_AFTER_DEATH_S, os._exit, args=(1,)).start()
+
+
+class Gauges:
+    """The engine's gauges, set from its loop thread after steps.
+
+    Each Metric.set is a round trip to the server during which Triton 2.51's stub keeps the GIL,
+    so the whole stub waits on it: a value is set only when it changed, at most every PUBLISH_S,
+    and always once the engine is idle (so a drained engine reads 0 at once).
+    """
+
+    PUBLISH_S = 0.1
+
+    def __init__(self, metrics: list):
+        self.metrics = metrics
+        self.shown: list[float | None] = [None] * len(metrics)
+        self.published_at = 0.0
+
+    def publish(self, stats: EngineStats) -> None:
+        now = time.monotonic()
+        idle = stats.num_running == 0 and stats.num_waiting == 0
+        if not idle and now - self.published_at < self.PUBLISH_S:
+            return
+        self.published_at = now
+        with PB_LOCK:  # a Metric.set racing another pb_utils call segfaulted the stub
+            for i, (metric, value) in enumerate(zip(self.metrics, stats)):
+                if self.shown[i] != value:
+                    metric.set(value)
+                    self.shown[i] = value
 
 
 def _gauges():

@@ -41,8 +41,9 @@ PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
 # Triton 2.51's stub is not safe for pb_utils used from several threads at once: with concurrent
 # requests the vlm stub corrupted its heap within seconds (glibc "unaligned fastbin chunk", or a
-# segfault). So every pb_utils object is created, used and dropped under this lock, only plain
-# data crosses threads, and waits for a BLS response happen outside it.
+# segfault). So every pb_utils object is created, used and dropped under this lock, and only plain
+# data crosses threads. Waits for llm or vision_encoder happen outside it, `exec` included (it
+# returns only with the first response): a stalled llm must not wedge every vlm thread.
 PB_LOCK = threading.RLock()
 # How long a finished BLS stream is kept before we drop it (see Streams).
 STREAM_GRACE_S = 10.0
@@ -168,8 +169,8 @@ def llm_outputs(request):
 
     Waiting for a response happens outside PB_LOCK; each response is read and dropped under it.
     """
+    responses = request.exec(decoupled=True)  # returns with llm's first response: wait outside the lock
     with PB_LOCK:
-        responses = iter(request.exec(decoupled=True))
         del request
     try:
         while (response := next(responses, None)) is not None:
@@ -242,7 +243,8 @@ def llm_control(flag_name: str, request_id: str = "") -> list[str]:
         with PB_LOCK:
             request = pb_utils.InferenceRequest(model_name="llm", request_id=request_id, requested_output_names=[],
                                                 inputs=[pb_utils.Tensor(flag_name, np.array([True]))])
-            responses = iter(request.exec(decoupled=True))
+        responses = request.exec(decoupled=True)  # waits for llm's answer: outside the lock
+        with PB_LOCK:
             del request
         errors = []
         while (response := next(responses, None)) is not None:
