@@ -56,7 +56,7 @@ def cmd_serve(args) -> None:
             load_timeout = max(30.0, 3 * (time.monotonic() - started))
             # Returns only by raising: GaveUp (a RuntimeError) after too many recoveries, or the interrupt.
             Supervisor(server, max_restarts=args.max_restarts, load_timeout=load_timeout,
-                       start_timeout=args.timeout).run()
+                       start_timeout=args.timeout, deadlocked_s=args.deadlocked_after_s).run()
         while server.proc.poll() is None:
             time.sleep(0.5)
         print(f"triton-vlm: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="do not restart a dead server or reload a model whose stub died")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="recoveries allowed within 10 minutes before serve gives up and exits 1")
+    p.add_argument("--deadlocked-after-s", type=float, default=60.0,
+                   help="restart the server when the vlm or llm stub has not answered a ping for this long")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="turn Triton's metrics port off")
     p.add_argument("--restrict-admin", type=admin_header, metavar="KEY=VALUE",
                    help="model-repository, shared-memory, trace and logging APIs answer only requests carrying "

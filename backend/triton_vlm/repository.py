@@ -127,6 +127,7 @@ backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
+  {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},

@@ -219,6 +219,16 @@ class TritonServer:
         except OSError:
             return False
 
+    def ping(self, model: str, timeout: float = 10.0) -> bool:
+        """Whether a model's stub answers a `ping` request (vlm and llm take one) within `timeout`."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/models/{model}/generate", data=b'{"ping": true}',
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status == 200
+        except OSError:  # HTTPError and timeouts included
+            return False
+
     def model_ready(self, name: str) -> bool:
         """Whether Triton calls the model ready; OSError when the server does not answer."""
         return self._request("GET", f"/v2/models/{name}/ready", timeout=5) == 200

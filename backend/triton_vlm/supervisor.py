@@ -17,6 +17,7 @@ import psutil
 from .server import TritonServer
 
 STUB = "triton_python_backend_stub"
+PINGED = ("vlm", "llm")  # the models that answer a `ping` input
 
 
 class GaveUp(RuntimeError):
@@ -61,7 +62,9 @@ class Supervisor:
     in a window wait 1, 2, 4 ... (at most 30) seconds first. A server that does not answer
     /v2/health/live for `unresponsive_s`, or takes longer than `load_timeout` to reload a model, is
     wedged (a stub's death can abort tritonserver, whose crash handler may then hang): it is
-    restarted, with `start_timeout` to get ready.
+    restarted, with `start_timeout` to get ready. So is a server whose `vlm` or `llm` stub has not
+    answered a ping for `deadlocked_s` (probed every `probe_every_s`): Triton 2.51's stub can
+    deadlock inside its own BLS code (see README, Robustness), and a frozen stub stays "alive".
     """
     server: TritonServer
     interval: float = 1.0
@@ -70,7 +73,11 @@ class Supervisor:
     load_timeout: float = 120.0
     start_timeout: float = 300.0
     unresponsive_s: float = 30.0
+    deadlocked_s: float = 60.0
+    probe_every_s: float = 5.0
     answered: float = field(default_factory=time.monotonic)  # when the server last answered
+    pinged: float = field(default_factory=time.monotonic)  # when every pinged stub last answered
+    probed: float = 0.0  # when the stubs were last pinged
     # Every stub instance seen so far -> its model. Kept across reloads and restarts, so a stub that
     # dies before any round saw it alive (say right after a restart) is still noticed.
     instances: dict[str, str] = field(default_factory=dict)
@@ -79,7 +86,7 @@ class Supervisor:
     def run(self) -> None:
         if self.server.proc is None:
             raise ValueError("start the server before supervising it")
-        self.answered = time.monotonic()
+        self.answered = self.pinged = time.monotonic()
         while not self.server.stopping:
             self.check()
             self._sleep(self.interval)
@@ -97,6 +104,10 @@ class Supervisor:
         elif time.monotonic() - self.answered > self.unresponsive_s:
             self._restart_server(f"tritonserver has not answered for {self.unresponsive_s:.0f} s")
             return
+        if self._deadlocked():
+            self._restart_server(f"a Python-backend stub has not answered a ping for {self.deadlocked_s:.0f} s "
+                                 "(deadlocked)")
+            return
         missing = self._missing(proc.pid)
         if not missing:
             return
@@ -109,6 +120,20 @@ class Supervisor:
             return  # no answer: look again next round
         if crashed:
             self._reload(crashed)
+
+    def _deadlocked(self) -> bool:
+        now = time.monotonic()
+        if now - self.probed < self.probe_every_s:
+            return False
+        self.probed = now
+        # A model being reloaded is not ready and does not count; ping answers take milliseconds.
+        timeout = min(10.0, self.deadlocked_s / 2)
+        try:
+            if all(self.server.ping(m, timeout) for m in PINGED if self.server.model_ready(m)):
+                self.pinged = time.monotonic()
+        except OSError:
+            return False  # the server does not answer at all: `unresponsive_s` covers that
+        return time.monotonic() - self.pinged > self.deadlocked_s
 
     def _missing(self, server_pid: int) -> set[str]:
         """Models with an instance seen before that has no live stub now."""
@@ -134,7 +159,7 @@ class Supervisor:
                 return
             log(f"reloading {', '.join(models)} failed: {e}")
             self._restart_server("a model could not be reloaded", counted=True)
-        self.answered = time.monotonic()
+        self.answered = self.pinged = time.monotonic()
 
     def _restart_server(self, why: str, counted: bool = False) -> None:
         if not counted:
@@ -150,7 +175,7 @@ class Supervisor:
                 log(f"restarting tritonserver failed: {e}")
             return  # the next check finds it not running and tries again, counted
         finally:
-            self.answered = time.monotonic()
+            self.answered = self.pinged = time.monotonic()
         log("tritonserver is ready again")
 
     def _count_recovery(self) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ from ..detokenizer import Detokenizer
 from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
 from ..preprocess import Preprocessor, decode_image
-from .params import error_response, model_parameters, optional_input, scalar, text
+from .params import error_response, flag, model_parameters, optional_input, scalar, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
@@ -279,6 +279,9 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             with PB_LOCK:
+                if flag(pb_utils, request, "ping"):  # the supervisor asks whether this stub still answers
+                    request.get_response_sender().send(flags=FINAL)
+                    continue
                 reply, inputs = Reply(request.get_response_sender()), read_inputs(request)
             if self._admit():
                 reply.on_done(self._unadmit)
