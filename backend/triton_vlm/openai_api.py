@@ -287,7 +287,7 @@ def create_app(config: OpenAIConfig) -> FastAPI:
     async def models():
         served = await vlm.served()
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
-                                            "owned_by": "triton-vlm", "max_model_len": served.max_tokens}]}
+                                            "owned_by": "triton-vlm"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
