@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .openai_protocol import (APIError, chat_chunk, chat_completion, completion, completion_chunk, error_body,
-                              sampling_parameters, usage)
+                              sampling_parameters, top_logprobs, usage)
 from .remote_media import MediaPolicy, fetch
 
 MODEL = "vlm"
@@ -322,15 +322,8 @@ class Head(NamedTuple):
     model: str
 
 
-class Collected(NamedTuple):
-    texts: list[str]
-    finish: list[str | None]
-    logprobs: list[list[dict] | None]
-    n_in: int
-    n_out: int
-
-
-async def collect(outputs: AsyncIterator[Output]) -> Collected:
+async def collect(outputs: AsyncIterator[Output]) -> Output:
+    """All responses of one request as one Output."""
     texts, finish, logprobs, n_in, n_out = None, None, None, 0, 0
     async for out in outputs:
         if texts is None:
@@ -341,7 +334,7 @@ async def collect(outputs: AsyncIterator[Output]) -> Collected:
             if out.logprobs[i] is not None:
                 logprobs[i] = (logprobs[i] or []) + out.logprobs[i]
         n_in, n_out = out.n_in or n_in, n_out + out.n_out
-    return Collected(texts or [""], finish or [None], logprobs or [None], n_in, n_out)
+    return Output(texts or [""], finish or [None], logprobs or [None], n_in, n_out, True)
 
 
 async def until_disconnected(request, awaitable):
@@ -379,56 +372,67 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
-async def chat_events(head: Head, outputs: AsyncIterator[Output], body: dict) -> AsyncIterator[str]:
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    top = body.get("top_logprobs") if isinstance(body.get("top_logprobs"), int) else 0
-    started: set[int] = set()
-    n_in = n_out = 0
-    try:
-        async for out in outputs:
-            for i, (text, reason, logprobs) in enumerate(zip(out.texts, out.finish, out.logprobs)):
-                if i not in started:
-                    started.add(i)
-                    yield sse(chat_chunk(head, i, {"role": "assistant", "content": ""}, None, None, top, include_usage))
-                if text or logprobs:
-                    yield sse(chat_chunk(head, i, {"content": text}, None, logprobs, top, include_usage))
-                if reason:
-                    yield sse(chat_chunk(head, i, {}, reason, None, top, include_usage))
-            n_in, n_out = out.n_in or n_in, n_out + out.n_out
-    except APIError as e:
-        if not started:
-            raise  # before the first event: the HTTP status still says it
-        yield sse(error_body(e))
-    else:
-        if include_usage:
-            yield sse({"id": head.id, "object": "chat.completion.chunk", "created": head.created, "model": head.model,
-                       "choices": [], "usage": usage(n_in, n_out)})
-    yield sse("[DONE]")
-
-
-async def completion_events(head: Head, runs: list, prompts: list[str], body: dict) -> AsyncIterator[str]:
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    n = max(1, int(body.get("n") or 1)) if isinstance(body.get("n"), int) else 1
-    n_in = n_out = 0
+async def sse_events(head: Head, kind: str, body: dict, chunks: AsyncIterator[dict], tokens: list[int]):
+    """Server-sent events of `chunks`, then the usage chunk if asked for, then [DONE]. An error before the
+    first chunk propagates (the response keeps its HTTP status); after it, it becomes an error event.
+    `tokens` is [prompt, completion], filled in by `chunks` as it goes."""
     sent = False
     try:
-        async for k, out in merge(runs):
-            for i, (text, reason, logprobs) in enumerate(zip(out.texts, out.finish, out.logprobs)):
-                if body.get("echo") and not sent:
-                    text = prompts[k] + text
-                if text or reason or logprobs:
-                    sent = True
-                    yield sse(completion_chunk(head, k * n + i, text, reason, logprobs, include_usage))
-            n_in, n_out = n_in + out.n_in, n_out + out.n_out
+        async for chunk in chunks:
+            sent = True
+            yield sse(chunk)
     except APIError as e:
         if not sent:
             raise
         yield sse(error_body(e))
     else:
-        if include_usage:
-            yield sse({"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
-                       "choices": [], "usage": usage(n_in, n_out)})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield sse({"id": head.id, "object": kind, "created": head.created, "model": head.model, "choices": [],
+                       "usage": usage(*tokens)})
     yield sse("[DONE]")
+
+
+def chat_events(head: Head, outputs: AsyncIterator[Output], body: dict) -> AsyncIterator[str]:
+    tokens = [0, 0]
+    return sse_events(head, "chat.completion.chunk", body, _chat_chunks(head, outputs, body, tokens), tokens)
+
+
+async def _chat_chunks(head: Head, outputs: AsyncIterator[Output], body: dict, tokens: list[int]):
+    with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    top = top_logprobs(body)
+    started: set[int] = set()
+    async for out in outputs:
+        for i, (text, reason, logprobs) in enumerate(zip(out.texts, out.finish, out.logprobs)):
+            if i not in started:  # OpenAI opens each choice with the role
+                started.add(i)
+                yield chat_chunk(head, i, {"role": "assistant", "content": ""}, None, None, top, with_usage)
+            if text or logprobs:
+                yield chat_chunk(head, i, {"content": text}, None, logprobs, top, with_usage)
+            if reason:
+                yield chat_chunk(head, i, {}, reason, None, top, with_usage)
+        tokens[0], tokens[1] = out.n_in or tokens[0], tokens[1] + out.n_out
+
+
+def completion_events(head: Head, runs: list, prompts: list[str], body: dict) -> AsyncIterator[str]:
+    tokens = [0, 0]
+    return sse_events(head, "text_completion", body, _completion_chunks(head, runs, prompts, body, tokens), tokens)
+
+
+async def _completion_chunks(head: Head, runs: list, prompts: list[str], body: dict, tokens: list[int]):
+    with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    n = body.get("n") or 1  # vlm checked it
+    prompt_tokens: dict[int, int] = {}
+    echoed: set[int] = set()
+    async for k, out in merge(runs):
+        for i, (text, reason, logprobs) in enumerate(zip(out.texts, out.finish, out.logprobs)):
+            index = k * n + i
+            if body.get("echo") and index not in echoed:
+                echoed.add(index)
+                text = prompts[k] + text
+            if text or reason or logprobs:
+                yield completion_chunk(head, index, text, reason, logprobs, with_usage)
+        prompt_tokens[k] = out.n_in or prompt_tokens.get(k, 0)
+        tokens[0], tokens[1] = sum(prompt_tokens.values()), tokens[1] + out.n_out
 
 
 async def merge(runs: list) -> AsyncIterator[tuple[int, Output]]:

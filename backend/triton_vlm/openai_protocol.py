@@ -141,14 +141,15 @@ def completion_logprobs(positions: list[dict] | None, offset: int = 0) -> dict |
 
 def chat_completion(head, result, body: dict) -> dict:
     choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                "logprobs": chat_logprobs(result.logprobs[i], _top(body)), "finish_reason": _finish(result.finish[i])}
+                "logprobs": chat_logprobs(result.logprobs[i], top_logprobs(body)), "finish_reason": _finish(result.finish[i])}
                for i, text in enumerate(result.texts)]
     return {"id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
             "choices": choices, "usage": usage(result.n_in, result.n_out)}
 
 
-def _top(body: dict) -> int:
-    return body.get("top_logprobs") or 0 if isinstance(body.get("top_logprobs"), int) else 0
+def top_logprobs(body: dict) -> int:
+    value = body.get("top_logprobs")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def chat_chunk(head, index: int, delta: dict, reason: str | None, logprobs, top: int, with_usage: bool) -> dict:

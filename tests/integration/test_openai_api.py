@@ -131,13 +131,15 @@ def test_completions_match_vlm(sdk, toy_server):
     expected = client.generate_grpc(toy_server.grpc_url, prompt, [], {"max_tokens": 8, "temperature": 0})
     reply = sdk.completions.create(model="toy-vlm", prompt=prompt, max_tokens=8, temperature=0)
     assert reply.choices[0].text == expected and reply.usage.completion_tokens >= 1
-    streamed = sdk.completions.create(model="toy-vlm", prompt=[prompt, prompt], max_tokens=8, temperature=0,
-                                      stream=True)
+    streamed = list(sdk.completions.create(model="toy-vlm", prompt=[prompt, prompt], max_tokens=8, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}, echo=True))
     texts = ["", ""]
     for chunk in streamed:
         for choice in chunk.choices:
             texts[choice.index] += choice.text
-    assert texts == [expected, expected]
+    assert texts == [prompt + expected] * 2
+    assert streamed[-1].usage.prompt_tokens == 2 * reply.usage.prompt_tokens
+    assert streamed[-1].usage.completion_tokens == 2 * reply.usage.completion_tokens
     assert sdk.completions.create(model="toy-vlm", prompt=prompt, max_tokens=8, temperature=0,
                                   echo=True).choices[0].text == prompt + expected
 
