@@ -11,35 +11,15 @@ import time
 
 import openai
 import pytest
-from helpers import TOY_CHECKPOINT, metric, wait_for_metric
+from helpers import TOY_CHECKPOINT, metric, start_openai, wait_for_metric
 from test_video import make_video
 
 from triton_vlm import client
-from triton_vlm.openai_api import OpenAIConfig, start
-from triton_vlm.remote_media import MediaPolicy
 from triton_vlm.server import free_port
 from triton_vlm.toy import evaluate as ev
 from triton_vlm.toy.scenes import sample_example
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
-
-
-def start_openai(grpc_url: str, **media) -> tuple[object, str]:
-    port = free_port()
-    running = start(OpenAIConfig(grpc_url, media=MediaPolicy(**media)), port=port)
-    return running, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def toy_api(toy_server):
-    running, url = start_openai(toy_server.grpc_url)
-    yield url
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(toy_api) -> openai.OpenAI:
-    return openai.OpenAI(base_url=toy_api + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
