@@ -49,9 +49,11 @@ class Output(NamedTuple):
 
 
 class Served(NamedTuple):
-    """What vlm's config says about the model behind it."""
+    """What vlm's config says about the model behind it and its serving limits."""
     name: str
     max_tokens: int
+    max_images: int  # max_images_per_request: bounds the remote fetches of one request too
+    max_request_bytes: int
 
 
 class VLM:
@@ -78,7 +80,9 @@ class VLM:
                 raise APIError(503, f"the model server is not ready ({_message(e)})") from None
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
             name = self.config.served_model_name or params.get("checkpoint", MODEL).rstrip("/").rsplit("/", 1)[-1]
-            self._served = Served(name, int(params.get("max_tokens") or 0))
+            limit = lambda key: int(params.get(key) or 0)  # noqa: E731
+            self._served = Served(name, limit("max_tokens"), limit("max_images_per_request") or 8,
+                                  limit("max_request_bytes") or 64 * 1024 * 1024)
         return self._served
 
     async def ready(self) -> bool:
@@ -124,7 +128,7 @@ def vlm_error(message: str) -> APIError:
     """vlm's errors carry no status code (see triton/params.py): classify them by what they say."""
     message = message.replace("sampling_parameters.", "")  # OpenAI clients know the fields by their own names
     unavailable = ("server busy", "not serving", "shutting down", "no answer within", "abandoned", "no output for",
-                   "unknown model", "is not ready", "not found")
+                   "unknown model", "is not ready")  # the last two: Triton's own, while vlm (re)loads
     if any(s in message for s in unavailable):
         return APIError(503, message)
     if message.startswith("internal error") or "stream ended without" in message:
@@ -182,7 +186,7 @@ def _pad(values: list, n: int, fill) -> list:
 # ---- requests ---------------------------------------------------------------------------------------
 
 async def chat_inputs(body: dict, vlm: VLM, served: Served, stream: bool) -> dict:
-    messages, images = await _fetch_media(body.get("messages"), vlm.config.media)
+    messages, images = await _fetch_media(body.get("messages"), vlm.config.media, served)
     return _vlm_inputs(body, served, stream, chat=True) | {"messages": json.dumps(messages), "image": images}
 
 
@@ -196,11 +200,16 @@ def _wants_logprobs(body: dict, chat: bool) -> bool:
     return bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
 
 
-async def _fetch_media(messages, policy: MediaPolicy) -> tuple[list, list[bytes]]:
+async def _fetch_media(messages, policy: MediaPolicy, served: Served) -> tuple[list, list[bytes]]:
     """http(s) image and video URLs, fetched where the operator allows it: images go to vlm's `image` input
     (the part then says "#N"), videos inline as data: URLs. Everything else vlm checks itself."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages: expected a non-empty array of messages", "messages")
+    parts = [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for p in m["content"]]
+    n_media = sum(1 for p in parts if _media_kind(p))
+    if n_media > served.max_images:  # before fetching anything
+        raise APIError(400, f"messages: {n_media} image and video parts exceed the limit of {served.max_images} "
+                            "per request (max_images_per_request)", "messages")
     images: list[bytes] = []
     out = []
     for i, message in enumerate(messages):
@@ -212,9 +221,14 @@ async def _fetch_media(messages, policy: MediaPolicy) -> tuple[list, list[bytes]
     return out, images
 
 
-async def _fetch_part(part, where: str, images: list[bytes], policy: MediaPolicy):
+def _media_kind(part) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind not in ("image_url", "video_url"):
+    return kind if kind in ("image_url", "video_url") else None
+
+
+async def _fetch_part(part, where: str, images: list[bytes], policy: MediaPolicy):
+    kind = _media_kind(part)
+    if kind is None:
         return part
     value = part.get(kind)
     url = value.get("url") if isinstance(value, dict) else value

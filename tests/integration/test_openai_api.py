@@ -137,6 +137,8 @@ def test_unknown_model_is_404(sdk):
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                  "image_url": {"url": "https://example.com/cat.png"}}]}]},
      r"messages\[0\]\.content\[0\]\.image_url: fetching media from example.com is not allowed"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a.b/c.png"}}] * 9}]},
+     r"messages: 9 image and video parts exceed the limit of 8 per request \(max_images_per_request\)"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, r"temperature: "),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, r"max_tokens: .*limit"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, r"messages\[0\]\.role: must be one of"),
