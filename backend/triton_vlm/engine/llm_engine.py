@@ -365,8 +365,7 @@ class LLMEngine:
                        top: list[tuple[int, float]]) -> dict:
         """{token_id: (logprob, rank, decoded_token)}: the sampled token first, then the top ones.
 
-        decoded_token is the text the token adds after this completion's text so far, so the
-        sampled tokens' pieces concatenate to the output text."""
+        decoded_token is the text the token would add after this completion's text so far."""
         entry = {token: (logprob, rank, seq.detokenizer.peek(token))}
         for r, (t, lp) in enumerate(top, start=1):
             if t not in entry:
@@ -378,7 +377,10 @@ class LLMEngine:
         may_stop = seq.num_generated > p.min_tokens or seq.num_generated == p.min_tokens
         if may_stop and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"  # the stop token's text is not part of the output
-        seq.text += seq.detokenizer.add([token])
+        delta = seq.detokenizer.add([token])
+        seq.text += delta
+        if p.logprobs is not None:  # the sampled token's piece is the text it added: the pieces add up to the text
+            seq.logprobs[-1][token] = seq.logprobs[-1][token][:2] + (delta,)
         if may_stop and p.stop and self._cut_at_stop_string(seq):
             return "stop"
         if seq.matcher is not None and seq.matcher.is_stopped() and not p.ignore_eos:

@@ -16,6 +16,7 @@ import llguidance.hf
 import torch
 
 BITS = 32
+COMPACT = {"whitespace_flexible": False}
 
 
 class Grammars:
@@ -49,10 +50,11 @@ class Grammars:
 
 
 def _grammar(kind: str, value) -> str:
+    # Compact JSON (no free whitespace): a model cannot pad its answer with newlines until max_tokens.
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(value))
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(value), COMPACT)
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', COMPACT)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":  # JSON string literals are Lark string literals
