@@ -110,7 +110,8 @@ output [
   {{ name: "index" data_type: TYPE_UINT32 dims: [ 1 ] }},
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "logprobs" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ 1 ] }}
+  {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {_params({"checkpoint": checkpoint, **o.llm})}
@@ -149,6 +150,7 @@ input [
   {{ name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "return_logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "return_cumulative_logprob" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_prompt_logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
 {_scalar_inputs()}
 ]
 output [
@@ -157,7 +159,8 @@ output [
   {{ name: "num_input_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }},
   {{ name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ -1 ] }},
   {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ -1 ] }},
-  {{ name: "logprobs" data_type: TYPE_STRING dims: [ -1 ] }}
+  {{ name: "logprobs" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}

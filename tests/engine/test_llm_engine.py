@@ -256,3 +256,23 @@ def test_structured_outputs_validate_in_a_batch_with_unconstrained_requests(engi
     engine.check()
     with pytest.raises(ValueError, match=r"sampling_parameters.structured_outputs.regex: "):
         engine.make_sequence("bad", [1, 2], SamplingParams(structured_outputs={"regex": "(unclosed"}))
+
+
+def test_prompt_logprobs_equal_hf_under_chunked_prefill(tiny_checkpoint, hf_tiny):
+    # A 5-token budget splits the prompt into chunks: each chunk's rows are recorded once, in order.
+    engine = LLMEngine(str(tiny_checkpoint), EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=5))
+    prompt = hf_tiny.inputs(PROMPTS[0], [])["input_ids"][0].tolist()
+    outs = outputs_of(engine, prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    (got,) = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+    assert len(got) == len(prompt) and got[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_tiny.model(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
+    for pos in range(1, len(prompt)):
+        token = prompt[pos]
+        lp, rank, _ = got[pos][token]
+        assert abs(lp - ref[pos - 1, token].item()) < 1e-4
+        assert rank == 1 + int((ref[pos - 1] > ref[pos - 1, token]).sum())
+        top = ref[pos - 1].topk(3)
+        for t, v in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(got[pos][t][0] - v) < 1e-4
+    engine.check()

@@ -225,3 +225,18 @@ def test_trtllm_scalar_inputs(tiny_server):
     assert cut == free[:free.index(stop)]
     (_, error), = infer(url, inputs_for(sampling={"top_k": 5}, top_k=i32(6)))
     assert "top_k: 6 disagrees with sampling_parameters.top_k = 5" in str(error)
+
+
+def test_prompt_logprobs_once(tiny_server, hf_tiny):
+    import torch
+
+    prompt_ids = hf_tiny.inputs(PROMPT, [])["input_ids"][0].tolist()
+    responses = infer(tiny_server.grpc_url, inputs_for(sampling={**GREEDY, "max_tokens": 3, "prompt_logprobs": 1},
+                                                       returns=("prompt_logprobs",)))
+    sent = [json.loads(r.as_numpy("prompt_logprobs")[0].decode()) for r, _ in responses]
+    assert all(s is None for s in sent[1:]) and len(sent[0]) == len(prompt_ids) and sent[0][0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_tiny.model(input_ids=torch.tensor([prompt_ids])).logits[0].float(), -1)
+    for pos in range(1, len(prompt_ids)):
+        entry = sent[0][pos][str(prompt_ids[pos])]
+        assert abs(entry["logprob"] - ref[pos - 1, prompt_ids[pos]].item()) < 1e-4

@@ -63,6 +63,8 @@ class RequestOutput(NamedTuple):
     # `logprobs`; None unless the request asked for logprobs.
     logprobs: list[dict] | None = None
     cumulative_logprob: float = 0.0  # of this completion's tokens so far
+    # Once, when the prompt is done (index 0): None for its first token, then one dict as above per token.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class EngineStats(NamedTuple):
@@ -273,15 +275,26 @@ class LLMEngine:
             self._leave_queue(seq)
         if not batch.seqs:
             return
+        # Prompt logprobs need the logits of every prompt row (the first completion's, recorded once).
+        full = frozenset(i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                         if seq.params.prompt_logprobs is not None and seq.index == 0
+                         and seq.num_computed + n >= len(seq.prompt_logprobs or [None])
+                         and seq.num_computed < seq.prompt_len - 1)
         try:
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, full) if full else self.runner.run(batch)
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("model step failed")
             for seq in batch.seqs:
                 self._fail(seq, _describe("model step failed", e))
             return
-        done = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        done, row = [], sum(s.num_computed + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens))
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if i in full:
+                try:
+                    self._record_prompt_logprobs(seq, seq.num_computed, logits[row:row + n])
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, _describe("prompt logprobs failed", e))
+                row += n
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 done.append(seq)
@@ -317,6 +330,26 @@ class LLMEngine:
             self._queued.discard(seq)
             with self._lock:
                 self._num_waiting -= 1
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens these rows predict (row q predicts token q + 1), as vLLM's
+        prompt_logprobs: None for the first token, then {token_id: (logprob, rank, decoded)} each."""
+        seq.prompt_logprobs = seq.prompt_logprobs or [None]
+        first, end = len(seq.prompt_logprobs), min(start + len(logits), seq.prompt_len - 1) + 1
+        if first >= end:
+            return
+        rows = torch.arange(first - 1 - start, end - 1 - start)
+        targets = torch.tensor(seq.token_ids[first:end])
+        lp = torch.log_softmax(logits[rows.to(logits.device)].float(), dim=-1)
+        chosen = lp.gather(1, targets[:, None].to(lp.device))
+        ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+        top_lp, top_ids = lp.topk(seq.params.prompt_logprobs, dim=-1)
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        for t, c, r, ids, lps in zip(targets.tolist(), chosen[:, 0].tolist(), ranks, top_ids.tolist(), top_lp.tolist()):
+            entry = {t: (c, r, decode(t))}
+            for rank, (u, v) in enumerate(zip(ids, lps), start=1):
+                entry.setdefault(u, (v, rank, decode(u)))
+            seq.prompt_logprobs.append(entry)
 
     def _fork(self, seq: Sequence) -> None:
         """The prompt is in the cache: make the request's other n - 1 completions.
@@ -424,8 +457,11 @@ class LLMEngine:
             return
         if done:
             self._live.pop(seq.request_id, None)
+        prompt_logprobs = None
+        if seq.prompt_logprobs and not seq.prompt_logprobs_sent and (new or finished_seq):
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         out = RequestOutput(seq.request_id, new, done, seq.finish_reason if finished_seq else None, error,
-                            seq.index, text, logprobs, seq.cumulative_logprob)
+                            seq.index, text, logprobs, seq.cumulative_logprob, prompt_logprobs)
         try:
             live.on_output(out)
         except Exception as e:  # a broken consumer must not stop the loop

@@ -50,6 +50,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list[dict] = field(default_factory=list)
     logprobs_sent: int = 0
+    prompt_logprobs: list | None = None  # [None, {token_id: (logprob, rank, decoded)}, ...] as far as computed
+    prompt_logprobs_sent: bool = False
     bad_word_ids: list[list[int]] = field(default_factory=list)  # each bad word as token ids
     matcher: Any = None  # structured outputs: the grammar's state (llguidance.LLMatcher)
 

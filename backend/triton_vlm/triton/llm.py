@@ -142,13 +142,15 @@ def output_arrays(out: RequestOutput) -> dict[str, np.ndarray]:
         arrays["finish_reason"] = np.array([out.finish_reason.encode()], dtype=object)
     if out.logprobs is not None:
         arrays["logprobs"] = np.array([logprobs_json(out.logprobs).encode()], dtype=object)
+    if out.prompt_logprobs is not None:
+        arrays["prompt_logprobs"] = np.array([logprobs_json(out.prompt_logprobs).encode()], dtype=object)
     return arrays
 
 
-def logprobs_json(entries: list[dict]) -> str:
-    """Triton vLLM backend's layout: per token {"<id>": {"logprob", "rank", "decoded_token"}}."""
-    return json.dumps([{str(t): {"logprob": lp, "rank": rank, "decoded_token": text}
-                        for t, (lp, rank, text) in entry.items()} for entry in entries])
+def logprobs_json(entries: list[dict | None]) -> str:
+    """Triton vLLM backend's layout: per token {"<id>": {"logprob", "rank", "decoded_token"}} (or null)."""
+    return json.dumps([None if entry is None else {str(t): {"logprob": lp, "rank": rank, "decoded_token": text}
+                                                   for t, (lp, rank, text) in entry.items()} for entry in entries])
 
 
 def _locked(fn):

@@ -33,11 +33,13 @@ from .params import SCALAR_INPUTS, error_response, model_parameters, optional_in
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
-EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumulative_logprob", "logprobs")
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumulative_logprob", "logprobs",
+                 "prompt_logprobs")
 INPUTS = ("text_input", "image", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
-LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob"]
+LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob",
+               "prompt_logprobs"]
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
@@ -127,6 +129,7 @@ class LLMOutput(NamedTuple):
     text: str = ""
     logprobs: list | None = None  # vLLM-backend layout, one dict per new token; None unless asked for
     cumulative_logprob: float = 0.0
+    prompt_logprobs: str | None = None  # JSON, once
 
 
 def llm_output(response) -> LLMOutput:
@@ -134,12 +137,13 @@ def llm_output(response) -> LLMOutput:
     if response.has_error():
         return LLMOutput([], None, _llm_error(response.error()))
     get = lambda name: _output(response, name)  # noqa: E731
-    ids, reason, index, text_out, logprobs, cumulative = (get(n) for n in LLM_OUTPUTS)
+    ids, reason, index, text_out, logprobs, cumulative, prompt_logprobs = (get(n) for n in LLM_OUTPUTS)
     first = lambda a, default: default if a is None else a.reshape(-1)[0]  # noqa: E731
     return LLMOutput([] if ids is None else ids.tolist(), None if reason is None else first(reason, b"").decode(),
                      None, int(first(index, 0)), first(text_out, b"").decode(),
                      None if logprobs is None else json.loads(first(logprobs, b"null")),
-                     float(first(cumulative, 0.0)))
+                     float(first(cumulative, 0.0)),
+                     None if prompt_logprobs is None else first(prompt_logprobs, b"null").decode())
 
 
 @dataclass
@@ -150,6 +154,7 @@ class Completion:
     logprobs: list = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
+    prompt_logprobs: str | None = None  # JSON, until sent
 
     def take(self, response: LLMOutput) -> bool:
         """Add one llm response; whether it brought anything to send."""
@@ -158,6 +163,7 @@ class Completion:
         self.logprobs.extend(response.logprobs or [])
         self.cumulative_logprob = response.cumulative_logprob
         self.finish_reason = response.finish_reason or self.finish_reason
+        self.prompt_logprobs = response.prompt_logprobs or self.prompt_logprobs
         return bool(response.text or response.finish_reason)
 
     def flush(self) -> tuple[str, int, list]:
@@ -412,6 +418,7 @@ class TritonPythonModel:
     def _response(req: VLMRequest, completions: list[Completion], n_in: int, final: bool) -> dict:
         """text_output plus whichever of the vLLM backend's optional outputs the request asked for, one
         element per completion (index order), each holding what is new since the last response."""
+        prompt_logprobs, completions[0].prompt_logprobs = completions[0].prompt_logprobs or "null", None
         texts, counts, logprobs = zip(*(c.flush() for c in completions))
         if not req.stream and not req.exclude_input:  # as the vLLM backend: repeat the prompt first
             texts = [req.prompt + t for t in texts]
@@ -424,6 +431,7 @@ class TritonPythonModel:
             "cumulative_logprob": np.array([c.cumulative_logprob for c in completions], dtype=np.float32),
             "logprobs": np.array([(json.dumps(lp) if req.params.logprobs is not None else "null").encode()
                                   for lp in logprobs], dtype=object),
+            "prompt_logprobs": np.array([prompt_logprobs.encode()], dtype=object),  # once, then null
         }
         return {name: arrays[name] for name in ("text_output", *req.extra_outputs)}
 
