@@ -3,7 +3,8 @@
 execute() copies each request's inputs out of shared memory (the stub may reuse it once execute
 returns: reading it later corrupted the heap under concurrency), then a worker thread checks the
 request against the serving limits, tokenizes, decodes and preprocesses its images, embeds them
-with `vision_encoder`, streams token ids from `llm` and turns them into text deltas. Inputs
+with `vision_encoder`, and relays the text deltas `llm` streams (one completion each) as responses
+holding all n completions. Inputs and outputs
 mirror Triton's vLLM backend so its clients work unchanged.
 
 No wait is unbounded: vision calls carry a timeout; llm sends every waiting request an empty
