@@ -82,4 +82,7 @@ def test_error_body_names_the_field():
     assert body["error"]["param"] == "messages[2].content[1].image_url"
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == 400
     assert error_body(APIError(400, "temperature: must be a finite number"))["error"]["param"] == "temperature"
-    assert error_body(APIError(503, "server busy: 320 requests in flight"))["error"]["type"] == "service_unavailable"
+    assert error_body(APIError(400, "image[1]: not referenced"))["error"]["param"] == "image[1]"
+    assert error_body(APIError(400, "llm: input_ids: too long"))["error"]["param"] is None
+    busy = error_body(APIError(503, "server busy: 320 requests in flight"))["error"]
+    assert busy["type"] == "service_unavailable" and busy["param"] is None

@@ -18,7 +18,11 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 # OpenAI fields we cannot honour: refused by name rather than ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "suffix", "best_of",
                "web_search_options")
-_FIELD = re.compile(r"^((?:messages|image|prompt)[\w\[\].]*|[a-z_]+)(?=: )")
+_FIELD = re.compile(r"^([a-z_]+)([\w\[\].]*)(?=: )")  # "messages[2].content[1].image_url: ..."
+# Request fields an error may start with; others ("llm: ...", "request: ...") name no parameter.
+PARAMS = {"messages", "prompt", "image", "model", "stream", "stream_options", "n", "stop", "max_tokens",
+          "max_completion_tokens", "logprobs", "top_logprobs", "response_format", *OPENAI_SAMPLING, *VLLM_SAMPLING,
+          *GUIDED, *UNSUPPORTED}
 
 
 class APIError(Exception):
@@ -32,8 +36,8 @@ def error_body(e: APIError) -> dict:
     kind = {400: "invalid_request_error", 404: "not_found_error", 499: "client_closed_request",
             500: "internal_server_error", 502: "bad_gateway", 503: "service_unavailable"}.get(e.status, "error")
     match = _FIELD.match(str(e))
-    return {"error": {"message": str(e), "type": kind, "param": e.param or (match.group(1) if match else None),
-                      "code": e.code or e.status}}
+    param = e.param or (match.group(0) if match and match.group(1) in PARAMS else None)
+    return {"error": {"message": str(e), "type": kind, "param": param, "code": e.code or e.status}}
 
 
 def sampling_parameters(body: dict, chat: bool, default_max_tokens: int = 0) -> dict:
