@@ -86,6 +86,16 @@ def serve(checkpoint, tmp_path_factory, name, llm: dict | None = None, limits=No
     return TritonServer(repo, log_path=repo.parent / "server.log").start()
 
 
+def start_openai(grpc_url: str, **media):
+    """The OpenAI-compatible server on a free port, in this process; returns (handle, base URL)."""
+    from triton_vlm.openai_api import OpenAIConfig, start
+    from triton_vlm.remote_media import MediaPolicy
+    from triton_vlm.server import free_port
+
+    port = free_port()
+    return start(OpenAIConfig(grpc_url, media=MediaPolicy(**media)), port=port), f"http://127.0.0.1:{port}"
+
+
 def metric(server, name: str) -> float:
     import re
     import urllib.request

@@ -5,6 +5,7 @@ from tritonclient.grpc import model_config_pb2
 
 from triton_vlm.geometry import ModelGeometry
 from triton_vlm.repository import BuildOptions, build_repository, llm_config, vision_config, vlm_config
+from triton_vlm.triton.params import SCALAR_INPUTS
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:
@@ -42,9 +43,15 @@ def test_llm_and_vlm_are_decoupled_and_carry_the_checkpoint(built, second_checkp
     llm = parse((built / "llm" / "config.pbtxt").read_text())
     assert llm.parameters["block_size"].string_value == "32"
     vlm = parse((built / "vlm" / "config.pbtxt").read_text())
-    assert [i.name for i in vlm.input] == ["text_input", "image", "stream", "sampling_parameters",
+    assert [i.name for i in vlm.input] == ["text_input", "messages", "image", "stream", "sampling_parameters",
                                            "exclude_input_in_output", "return_finish_reason",
-                                           "return_num_input_tokens", "return_num_output_tokens"]
+                                           "return_num_input_tokens", "return_num_output_tokens",
+                                           "return_logprobs", "return_cumulative_logprob",
+                                           "return_prompt_logprobs", *SCALAR_INPUTS]
+    assert [o.name for o in vlm.output] == ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens",
+                                            "cumulative_logprob", "logprobs", "prompt_logprobs"]
+    types = {i.name: model_config_pb2.DataType.Name(i.data_type) for i in vlm.input}
+    assert all(types[name] == dtype for name, (dtype, _) in SCALAR_INPUTS.items())
     assert vlm.parameters["vision_max_batch_size"].string_value == "4"
 
 

@@ -1,4 +1,4 @@
-"""The `triton-vlm` command: make-tiny, build, serve, install-stub."""
+"""The `triton-vlm` command: make-tiny, build, serve, openai, install-stub."""
 from __future__ import annotations
 
 import argparse
@@ -46,11 +46,18 @@ def cmd_serve(args) -> None:
                           metrics=args.metrics, admin_header=args.restrict_admin)
     # SIGTERM takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    openai = None
     try:
         started = time.monotonic()
         server.start(timeout=args.timeout)
         print(f"triton-vlm: ready  http={server.http_url}  grpc={server.grpc_url}  "
               f"metrics={server.metrics_url or 'off'}", flush=True)
+        if args.openai_port:
+            from .openai_api import start
+
+            # Beside Triton in this process; it reaches vlm over gRPC, so a restarted server is found again.
+            openai = start(openai_config(args, server.grpc_url), args.host, args.openai_port)
+            print(f"triton-vlm: OpenAI API at http://{args.host}:{args.openai_port}/v1", flush=True)
         if args.supervise:
             # Reloading one model should not take 3x the whole first start; beyond that the server is wedged.
             load_timeout = max(30.0, 3 * (time.monotonic() - started))
@@ -67,7 +74,36 @@ def cmd_serve(args) -> None:
         print(f"triton-vlm: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
+        if openai is not None:
+            openai.stop()
         server.stop()
+
+
+def openai_config(args, grpc_url: str):
+    from .openai_api import OpenAIConfig
+    from .remote_media import MediaPolicy
+
+    domains = tuple(d.strip().lower() for d in args.allowed_media_domains.split(",") if d.strip())
+    return OpenAIConfig(grpc_url, args.served_model_name,
+                        MediaPolicy(domains, timeout_s=args.media_timeout_s, max_bytes=args.max_media_bytes))
+
+
+def cmd_openai(args) -> None:
+    from .openai_api import run
+
+    print(f"triton-vlm: OpenAI API at http://{args.host}:{args.port}/v1 for vlm at {args.grpc_url}", flush=True)
+    run(openai_config(args, args.grpc_url), args.host, args.port)
+
+
+def add_openai_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("OpenAI-compatible API")
+    group.add_argument("--served-model-name", default="",
+                       help="the model id clients name (default: the checkpoint directory's name)")
+    group.add_argument("--allowed-media-domains", default="", metavar="DOMAIN[,DOMAIN...]",
+                       help="fetch http(s) image and video URLs from these domains and their subdomains only "
+                            "(default: none; clients send data: URLs)")
+    group.add_argument("--media-timeout-s", type=float, default=10.0, help="the longest one media fetch may take")
+    group.add_argument("--max-media-bytes", type=int, default=32 * 1024 * 1024, help="the largest media file fetched")
 
 
 def admin_header(text: str) -> tuple[str, str]:
@@ -126,7 +162,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="model-repository, shared-memory, trace and logging APIs answer only requests carrying "
                         "this HTTP header (gRPC: metadata triton-grpc-protocol-KEY=VALUE); inference, health and "
                         "statistics stay open")
+    p.add_argument("--openai-port", type=int, default=0,
+                   help="also serve the OpenAI-compatible API (/v1/chat/completions ...) on this port, on --host")
+    add_openai_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("openai", help="serve the OpenAI-compatible API for a running Triton's vlm model")
+    p.add_argument("--grpc-url", default="127.0.0.1:8001", help="the Triton server's gRPC address")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    add_openai_flags(p)
+    p.set_defaults(func=cmd_openai)
 
     p = sub.add_parser("install-stub", help="put the Python-backend stub where tritonserver finds it")
     p.set_defaults(func=cmd_install_stub)

@@ -106,11 +106,24 @@ input [
 ]
 output [
   {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }}
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "index" data_type: TYPE_UINT32 dims: [ 1 ] }},
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "logprobs" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {_params({"checkpoint": checkpoint, **o.llm})}
 """
+
+
+def _scalar_inputs() -> str:
+    """TensorRT-LLM's per-setting inputs (triton/params.py SCALAR_INPUTS is their one home)."""
+    from .triton.params import LIST_INPUTS, SCALAR_INPUTS
+
+    return ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: [ {-1 if name in LIST_INPUTS else 1} ] '
+                       f'optional: true }}' for name, (dtype, _) in SCALAR_INPUTS.items())
 
 
 def max_model_len(g: ModelGeometry, o: BuildOptions) -> int:
@@ -129,19 +142,27 @@ model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "return_num_input_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
-  {{ name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_cumulative_logprob" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "return_prompt_logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+{_scalar_inputs()}
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
   {{ name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }},
   {{ name: "num_input_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }},
-  {{ name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ 1 ] }}
+  {{ name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ -1 ] }},
+  {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "logprobs" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}

@@ -123,14 +123,14 @@ def test_raising_cancellation_check_fails_only_its_request(make_engine, solo):
 
 
 def test_one_raising_sampler_row_fails_only_its_request(make_engine, solo, monkeypatch):
-    real = sampler._sample_row
+    real = sampler._row  # the per-row preparation; the tensor work after it is batched
 
-    def broken_for_bad(row, seq):
+    def broken_for_bad(seq, *args):
         if seq.request_id == "bad":
             raise RuntimeError("row broke")
-        return real(row, seq)
+        return real(seq, *args)
 
-    monkeypatch.setattr(sampler, "_sample_row", broken_for_bad)
+    monkeypatch.setattr(sampler, "_row", broken_for_bad)
     engine = make_engine()
     goods = {name: submit(engine, name) for name in PROMPTS}
     fine = submit(engine, "sampled", SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True))

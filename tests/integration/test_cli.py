@@ -124,3 +124,34 @@ def test_a_malformed_restrict_admin_is_refused_by_name(flag, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"argument --restrict-admin: admin header {flag}" in proc.stderr, proc.stderr
+
+
+def test_serve_with_openai_port_and_the_standalone_openai_command(tiny_checkpoint, hf_tiny, tmp_path):
+    import openai
+
+    repo = build_repository(tiny_checkpoint, tmp_path / "repo", BuildOptions(llm=LLM_PARAMS))
+    openai_port, standalone_port = free_port(), free_port()
+    proc, grpc, _ = serve(repo, tmp_path, "--no-supervise", "--openai-port", str(openai_port),
+                          "--served-model-name", "tiny-llava")
+    standalone = None
+    try:
+        wait_for_line(proc, f"triton-vlm: OpenAI API at http://127.0.0.1:{openai_port}/v1", 300)
+        standalone = subprocess.Popen(CLI + ["openai", "--grpc-url", f"127.0.0.1:{grpc}", "--port",
+                                             str(standalone_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        wait_for_line(standalone, "triton-vlm: OpenAI API at", 60)
+        prompt = "USER: hi\nASSISTANT:"  # what the tiny checkpoint's template makes of one user turn
+        expected = hf_tiny.generate(prompt, [], 8)
+        for port, name in ((openai_port, "tiny-llava"), (standalone_port, "tiny")):
+            sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=3)
+            assert [m.id for m in sdk.models.list().data] == [name]
+            reply = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, temperature=0)
+            assert reply.choices[0].message.content == expected
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if standalone is not None:
+            standalone.terminate()
+            standalone.wait(30)
+        stop(proc)

@@ -131,7 +131,7 @@ def test_vllm_backend_optional_outputs(tiny_server, hf_tiny, photos, stream):
                                 returns=("finish_reason", "num_input_tokens", "num_output_tokens"))
     results = [r for r in client.stream_grpc_results(tiny_server.grpc_url, inputs) if r.as_numpy("text_output") is not None]
     reasons = [r.as_numpy("finish_reason")[0].decode() for r in results]
-    assert reasons[-1] == "length" and all(r == "" for r in reasons[:-1])
+    assert reasons[-1] == "length" and all(r == "None" for r in reasons[:-1])  # str(None), as the vLLM backend
     assert all(r.as_numpy("num_input_tokens")[0] == n_prompt for r in results)
     assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == 5
     assert len(results) > 1 if stream else len(results) == 1

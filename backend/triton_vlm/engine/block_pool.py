@@ -33,6 +33,13 @@ class BlockPool:
             self.ref_counts[b] = 1
         return blocks
 
+    def share(self, blocks: Iterable[int]) -> None:
+        """One more block table holds these (already allocated) blocks."""
+        for b in blocks:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"block {b} shared while not allocated")
+            self.ref_counts[b] += 1
+
     def free(self, blocks: Iterable[int]) -> None:
         for b in blocks:
             if self.ref_counts[b] <= 0:

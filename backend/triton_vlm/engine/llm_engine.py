@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..detokenizer import Detokenizer
 from ..geometry import ModelGeometry
 from .block_pool import BlockPool
 from .config import EngineConfig
@@ -28,6 +29,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 0.05
@@ -45,11 +47,24 @@ class EngineDead(RuntimeError):
 
 
 class RequestOutput(NamedTuple):
+    """What one completion produced since its last output.
+
+    `finished` says the whole request is over (every completion); `finish_reason` is set on the
+    output in which this completion ended.
+    """
     request_id: str
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None
+    index: int = 0  # which of the request's n completions
+    text: str = ""  # the new text (held back while it may still become a stop string)
+    # Per new token {token_id: (logprob, rank, decoded_token)}, the sampled token and the top
+    # `logprobs`; None unless the request asked for logprobs.
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float = 0.0  # of this completion's tokens so far
+    # Once, when the prompt is done (index 0): None for its first token, then one dict as above per token.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class EngineStats(NamedTuple):
@@ -64,11 +79,20 @@ OutputCallback = Callable[[RequestOutput], None]
 
 
 class Live(NamedTuple):
-    """A request the engine owns: its sequence and how to reach its caller."""
+    """A request the engine owns: its completions (the first alone until its prompt is cached) and
+    how to reach its caller."""
 
-    seq: Sequence
+    seqs: list[Sequence]
     on_output: OutputCallback
     is_cancelled: Callable[[], bool] | None
+
+    @property
+    def seq(self) -> Sequence:
+        return self.seqs[0]
+
+    @property
+    def done(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
 
 
 def _describe(what: str, e: BaseException) -> str:
@@ -87,6 +111,9 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.block_size, config.max_num_seqs,
                                                    config.max_num_batched_tokens, max_len), self.pool)
         self.eos_ids = frozenset(self.geometry.eos_token_ids)
+        from transformers import AutoTokenizer  # the checkpoint's own: text, stop strings, grammars
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.grammars = Grammars(self.tokenizer, self.geometry.text.vocab_size, self.tokenizer.eos_token_id)
         self._live: dict[str, Live] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -128,14 +155,31 @@ class LLMEngine:
             raise ValueError(f"image_embeds: {rows} rows for {len(positions)} image placeholder tokens in input_ids")
         seq = Sequence(request_id, list(prompt_ids), params, image_embeds=image_embeds, image_positions=positions)
         self.scheduler.check_admissible(seq)
+        for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+            bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"sampling_parameters.{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+        seq.bad_word_ids = self._bad_word_ids(params.bad_words)
+        if params.structured_outputs:
+            seq.matcher = self.grammars.matcher(params.structured_outputs)
         return seq
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as tokens, alone and after a space (as vLLM: mid-text words carry the space)."""
+        found = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
 
     def add(self, seq: Sequence, on_output: OutputCallback, is_cancelled: Callable[[], bool] | None = None) -> None:
         """Queue a validated sequence; safe from any thread.
 
         Raises EngineBusy when max_num_waiting requests wait already, EngineDead once the loop has ended.
         """
-        self._submit(Live(seq, on_output, is_cancelled), bounded=True)
+        self._submit(Live([seq], on_output, is_cancelled), bounded=True)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
@@ -156,20 +200,23 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  image_embeds: list[torch.Tensor | None] | None = None) -> list[list[int]]:
         """Offline, synchronous: run every prompt to completion and return the generated ids."""
+        outs = self.generate_outputs(prompts, params, image_embeds)
+        return [[t for o in outs[rid] if o.index == 0 for t in o.new_token_ids] for rid in outs]
+
+    def generate_outputs(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                         image_embeds: list[torch.Tensor | None] | None = None) -> dict[str, list[RequestOutput]]:
+        """Offline, synchronous: every RequestOutput of every prompt, by request id in prompt order."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         embeds = image_embeds or [None] * len(prompts)
-        results: dict[str, list[int]] = {}
-        ids = []
+        results: dict[str, list[RequestOutput]] = {}
         for prompt, p, e in zip(prompts, params, embeds):
             rid = self.new_request_id()
-            ids.append(rid)
             results[rid] = []
             # Unbounded: the caller waits for all of them anyway.
-            self._submit(Live(self.make_sequence(rid, prompt, p, e),
-                              lambda out: results[out.request_id].extend(out.new_token_ids), None), bounded=False)
+            self._submit(Live([self.make_sequence(rid, prompt, p, e)], results[rid].append, None), bounded=False)
         while self.has_work():
             self._step_or_fail_all()
-        return [results[r] for r in ids]
+        return results
 
     # ---- the loop -------------------------------------------------------------
     def start(self) -> None:
@@ -228,27 +275,42 @@ class LLMEngine:
             self._leave_queue(seq)
         if not batch.seqs:
             return
+        # Prompt logprobs need the logits of every prompt row (the first completion's, recorded once).
+        full = frozenset(i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                         if seq.params.prompt_logprobs is not None and seq.index == 0
+                         and seq.num_computed + n >= len(seq.prompt_logprobs or [None])
+                         and seq.num_computed < seq.prompt_len - 1)
         try:
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, full) if full else self.runner.run(batch)
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("model step failed")
             for seq in batch.seqs:
                 self._fail(seq, _describe("model step failed", e))
             return
-        done = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        done, row = [], sum(s.num_computed + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens))
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if i in full:
+                try:
+                    self._record_prompt_logprobs(seq, seq.num_computed, logits[row:row + n])
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, _describe("prompt logprobs failed", e))
+                row += n
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 done.append(seq)
+                if not seq.forked:
+                    self._fork(seq)
         try:
-            tokens = sample(logits, done)
+            result = sample(logits, done, self.eos_ids)
         except Exception as e:  # the sampler broke as a whole: no row can be trusted
-            tokens = [e] * len(done)
-        for seq, token in zip(done, tokens):
+            result = None
+            error = e
+        for i, seq in enumerate(done):
+            token = error if result is None else result.tokens[i]
             if isinstance(token, Exception):
                 self._fail(seq, _describe("sampling failed", token))
-            else:
-                self._append(seq, token)
+            elif seq.status is not Status.FINISHED:  # a sibling's failure may have ended the request
+                self._append(seq, token, result.logprobs[i], result.ranks[i], result.top[i])
 
     # ---- helpers ---------------------------------------------------------------
     def _submit(self, live: Live, bounded: bool) -> None:
@@ -269,9 +331,60 @@ class LLMEngine:
             with self._lock:
                 self._num_waiting -= 1
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens these rows predict (row q predicts token q + 1), as vLLM's
+        prompt_logprobs: None for the first token, then {token_id: (logprob, rank, decoded)} each."""
+        seq.prompt_logprobs = seq.prompt_logprobs or [None]
+        first, end = len(seq.prompt_logprobs), min(start + len(logits), seq.prompt_len - 1) + 1
+        if first >= end:
+            return
+        rows = torch.arange(first - 1 - start, end - 1 - start)
+        targets = torch.tensor(seq.token_ids[first:end])
+        lp = torch.log_softmax(logits[rows.to(logits.device)].float(), dim=-1)
+        chosen = lp.gather(1, targets[:, None].to(lp.device))
+        ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+        top_lp, top_ids = lp.topk(seq.params.prompt_logprobs, dim=-1)
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        for t, c, r, ids, lps in zip(targets.tolist(), chosen[:, 0].tolist(), ranks, top_ids.tolist(), top_lp.tolist()):
+            entry = {t: (c, r, decode(t))}
+            for rank, (u, v) in enumerate(zip(ids, lps), start=1):
+                entry.setdefault(u, (v, rank, decode(u)))
+            seq.prompt_logprobs.append(entry)
+
+    def _fork(self, seq: Sequence) -> None:
+        """The prompt is in the cache: make the request's other n - 1 completions.
+
+        Each child holds the prompt's full blocks (ref counts) and recomputes only the tokens of
+        the last, partial block, into a block of its own; it then samples its own first token.
+        """
+        seq.forked = True
+        live = self._live.get(seq.request_id)
+        if seq.params.n == 1 or live is None or len(live.seqs) > 1:
+            return
+        full = min(seq.prompt_len - 1, seq.num_computed) // self.scheduler.config.block_size
+        shared = seq.block_table[:full]
+        for index in range(1, seq.params.n):
+            child = Sequence(seq.request_id, seq.token_ids[:seq.prompt_len], seq.params, image_embeds=seq.image_embeds,
+                             image_positions=seq.image_positions, prompt_len=seq.prompt_len, index=index, forked=True)
+            child.bad_word_ids = seq.bad_word_ids
+            child.matcher = None if seq.matcher is None else seq.matcher.deep_copy()
+            self._prepare(child)
+            self.pool.share(shared)
+            child.block_table = list(shared)
+            child.num_computed = full * self.scheduler.config.block_size
+            live.seqs.append(child)
+        for child in reversed(live.seqs[1:]):
+            self.scheduler.add(child, first=True)
+
+    def _append(self, seq: Sequence, token: int, logprob: float = 0.0, rank: int | None = None,
+                top: list[tuple[int, float]] | None = None) -> None:
         try:
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(seq, token, logprob, rank, top or []))
+            seq.cumulative_logprob += logprob
+            seq.token_ids.append(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                raise ValueError(f"the grammar refused token {token}: {seq.matcher.get_error()}")
             reason = self._finish_reason(seq, token)
         except Exception as e:  # noqa: BLE001
             self._fail(seq, _describe("stop check failed", e))
@@ -279,47 +392,112 @@ class LLMEngine:
         if reason:
             self._finish(seq, reason)
         else:
-            self._emit(seq, finished=False)
+            self._emit(seq)
+
+    def _logprob_entry(self, seq: Sequence, token: int, logprob: float, rank: int | None,
+                       top: list[tuple[int, float]]) -> dict:
+        """{token_id: (logprob, rank, decoded_token)}: the sampled token first, then the top ones.
+
+        decoded_token is the text the token would add after this completion's text so far."""
+        entry = {token: (logprob, rank, seq.detokenizer.peek(token))}
+        for r, (t, lp) in enumerate(top, start=1):
+            if t not in entry:
+                entry[t] = (lp, r, seq.detokenizer.peek(t))
+        return entry
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        may_stop = seq.num_generated > p.min_tokens or seq.num_generated == p.min_tokens
+        if may_stop and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            return "stop"  # the stop token's text is not part of the output
+        delta = seq.detokenizer.add([token])
+        seq.text += delta
+        if p.logprobs is not None:  # the sampled token's piece is the text it added: the pieces add up to the text
+            seq.logprobs[-1][token] = seq.logprobs[-1][token][:2] + (delta,)
+        if may_stop and p.stop and self._cut_at_stop_string(seq):
             return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped() and not p.ignore_eos:
+            return "stop"  # the grammar is complete and allows nothing more
         if seq.num_generated >= p.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
             return "length"
         return None
 
-    def _emit(self, seq: Sequence, finished: bool, error: str | None = None) -> None:
+    @staticmethod
+    def _cut_at_stop_string(seq: Sequence) -> bool:
+        """Find the earliest stop string in the text not yet checked (plus its possible overlap)."""
+        p = seq.params
+        longest = max(len(s) for s in p.stop)
+        start = max(seq.text_sent, seq.checked_text - longest + 1)
+        seq.checked_text = len(seq.text)
+        hits = [(at, s) for s in p.stop if (at := seq.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
+        seq.stopped_by_string = True
+        return True
+
+    def _emit(self, seq: Sequence, error: str | None = None) -> None:
+        """Send a completion's news; the request's last output carries finished=True."""
+        live = self._live.get(seq.request_id)
+        finished_seq = seq.status is Status.FINISHED
+        done = live is None or live.done
         new = seq.token_ids[seq.prompt_len + seq.num_sent:]
         seq.num_sent += len(new)
         seq.emitted_at = time.monotonic()
-        live = self._live.pop(seq.request_id, None) if finished else self._live.get(seq.request_id)
+        if finished_seq and not seq.stopped_by_string and seq.detokenizer is not None and seq.finish_reason != "error":
+            seq.text += seq.detokenizer.flush()
+        hold = 0 if finished_seq or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        upto = max(seq.text_sent, len(seq.text) - hold)
+        text, seq.text_sent = seq.text[seq.text_sent:upto], upto
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs, seq.logprobs_sent = seq.logprobs[seq.logprobs_sent:], len(seq.logprobs)
         if live is None:
             return
+        if done:
+            self._live.pop(seq.request_id, None)
+        prompt_logprobs = None
+        if seq.prompt_logprobs and not seq.prompt_logprobs_sent and (new or finished_seq):
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        out = RequestOutput(seq.request_id, new, done, seq.finish_reason if finished_seq else None, error,
+                            seq.index, text, logprobs, seq.cumulative_logprob, prompt_logprobs)
         try:
-            live.on_output(RequestOutput(seq.request_id, new, finished, seq.finish_reason if finished else None, error))
+            live.on_output(out)
         except Exception as e:  # a broken consumer must not stop the loop
             log.exception("output callback failed for %s", seq.request_id)
-            if not finished:
-                self._finish(seq, "error", error=_describe("output callback failed", e))
+            if not done:
+                self._fail(seq, _describe("output callback failed", e))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End one completion (the request ends with its last)."""
         if seq.status is Status.FINISHED:
             return
         self._leave_queue(seq)
         self.scheduler.finish(seq, reason)
-        self._emit(seq, finished=True, error=error)
+        self._emit(seq, error=error)
+
+    def _finish_request(self, seq: Sequence, reason: str) -> None:
+        """End every completion of seq's request (abort, cancellation)."""
+        live = self._live.get(seq.request_id)
+        for s in list(live.seqs) if live else [seq]:
+            self._finish(s, reason)
 
     def _fail(self, seq: Sequence, error: str) -> None:
-        """Fail one request and free its blocks; whatever else breaks, its caller still hears why."""
+        """Fail seq's whole request and free its blocks; whatever else breaks, its caller still hears why."""
         log.error("request %s failed: %s", seq.request_id, error)
+        live = self._live.get(seq.request_id)
+        siblings = [s for s in live.seqs if s is not seq] if live else []
         try:
+            for s in siblings:  # quietly: the error goes out once, with the last completion
+                self._leave_queue(s)
+                self.scheduler.finish(s, "error")
             self._finish(seq, "error", error=error)
         except Exception:  # noqa: BLE001
             log.exception("could not finish request %s cleanly", seq.request_id)
         live = self._live.pop(seq.request_id, None)
         if live is not None:  # _finish did not get as far as answering
-            _send(live, RequestOutput(seq.request_id, [], True, "error", error))
+            _send(live, RequestOutput(seq.request_id, [], True, "error", error, seq.index))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -331,7 +509,7 @@ class LLMEngine:
                 if item in self._live:
                     seq = self._live[item].seq
                     try:
-                        self._finish(seq, "abort")
+                        self._finish_request(seq, "abort")
                     except Exception as e:  # noqa: BLE001
                         self._fail(seq, _describe("abort failed", e))
             else:
@@ -342,6 +520,7 @@ class LLMEngine:
         try:
             if seq.request_id in self._live:
                 raise ValueError(f"request id {seq.request_id!r} is already in flight")
+            self._prepare(seq)
             self.scheduler.add(seq)
         except Exception as e:  # noqa: BLE001  (refused: this request only)
             with self._lock:
@@ -350,6 +529,11 @@ class LLMEngine:
             return
         self._live[seq.request_id] = live
         self._queued.add(seq)
+
+    def _prepare(self, seq: Sequence) -> None:
+        if seq.detokenizer is None:
+            seq.detokenizer = Detokenizer(self.tokenizer, seq.params.skip_special_tokens,
+                                          seq.params.spaces_between_special_tokens)
 
     def _drop_cancelled(self) -> None:
         # Asking the caller crosses a process boundary (Triton's stub IPC): a few times a second is enough.
@@ -364,9 +548,9 @@ class LLMEngine:
                 self._fail(live.seq, _describe("cancellation check failed", e))
                 continue
             if cancelled:
-                self._finish(live.seq, "abort")
-            elif now - live.seq.emitted_at >= KEEPALIVE_S:
-                self._emit(live.seq, finished=False)
+                self._finish_request(live.seq, "abort")
+            elif now - max(s.emitted_at for s in live.seqs) >= KEEPALIVE_S:
+                self._emit(next((s for s in live.seqs if s.status is not Status.FINISHED), live.seq))
 
     def _close(self, reason: str, died: bool) -> None:
         """The loop is over: refuse new requests, answer every accepted one, report a death."""
@@ -383,7 +567,8 @@ class LLMEngine:
                 lives.append(item)
         for live in lives:
             try:
-                self.scheduler.finish(live.seq, "error")  # give its blocks back
+                for seq in live.seqs:
+                    self.scheduler.finish(seq, "error")  # give its blocks back
             except Exception:  # noqa: BLE001
                 log.exception("could not free the blocks of %s", live.seq.request_id)
             _send(live, RequestOutput(live.seq.request_id, [], True, "error", reason))

@@ -50,14 +50,20 @@ class ModelRunner:
         return max(1, int(budget // self._block_bytes()))
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:
-        """Compute the batch's new tokens; return logits [S, vocab] for the S sequences that reached their end."""
-        ids, positions, slots, logit_rows = [], [], [], []
+    def run(self, batch: Batch, all_rows_of: frozenset = frozenset()) -> torch.Tensor:
+        """Compute the batch's new tokens; return logits [S, vocab] for the S sequences that reached their end.
+
+        For the batch positions in `all_rows_of`, the logits of every row they computed follow
+        (prompt logprobs), in batch order.
+        """
+        ids, positions, slots, logit_rows, extra_rows = [], [], [], [], []
         image_at, image_rows = [], []
         bs = self.block_size
         offset = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed, seq.num_computed + n
+            if i in all_rows_of:
+                extra_rows.extend(range(offset, offset + n))
             ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             table = torch.tensor(seq.block_table)
@@ -76,7 +82,7 @@ class ModelRunner:
             embeds[torch.tensor(image_at, device=dev)] = torch.cat(image_rows).to(dev, self.dtype)
         meta = self._metadata(batch, torch.cat(slots).to(dev))
         hidden = self.model(embeds, torch.cat(positions).to(dev), self.kv_cache, meta)
-        return self.model.logits(hidden[torch.tensor(logit_rows, device=dev, dtype=torch.long)])
+        return self.model.logits(hidden[torch.tensor(logit_rows + extra_rows, device=dev, dtype=torch.long)])
 
     def _metadata(self, batch: Batch, slot_mapping: torch.Tensor) -> AttentionMetadata:
         starts, ctx_lens = [], []

@@ -48,10 +48,14 @@ class Scheduler:
                              f"(max_model_len {self.config.max_model_len}, KV cache "
                              f"{self.pool.num_blocks} x {self.config.block_size} tokens)")
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """Queue a sequence; `first` puts it at the head (a forked completion, its prompt already cached)."""
         self.check_admissible(seq)
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> Batch:
         budget = self.config.max_num_batched_tokens

@@ -1,10 +1,15 @@
-"""Per-request state inside the engine: tokens, KV progress, block table."""
+"""Per-completion state inside the engine: tokens, KV progress, block table, text and logprobs so far.
+
+A request with `n` completions has n sequences with the same request_id and indexes 0..n-1; the
+children share the prompt's full KV blocks with the first one (block ref counts).
+"""
 from __future__ import annotations
 
 import bisect
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +38,22 @@ class Sequence:
     generator: torch.Generator | None = None
     num_sent: int = 0  # generated tokens already handed to the caller
     emitted_at: float = field(default_factory=time.monotonic)  # when the caller last heard of it
+    index: int = 0  # which of the request's n completions
+    forked: bool = False  # the n - 1 other completions exist (made once the prompt is in the cache)
+    # Text: the detokenizer, the output text so far (cut at a stop string) and how much was sent.
+    detokenizer: Any = None
+    text: str = ""
+    text_sent: int = 0
+    checked_text: int = 0  # text already searched for stop strings
+    stopped_by_string: bool = False
+    # Logprobs: the sampled tokens' sum, and per token {token_id: (logprob, rank, decoded)} when asked for.
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict] = field(default_factory=list)
+    logprobs_sent: int = 0
+    prompt_logprobs: list | None = None  # [None, {token_id: (logprob, rank, decoded)}, ...] as far as computed
+    prompt_logprobs_sent: bool = False
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # each bad word as token ids
+    matcher: Any = None  # structured outputs: the grammar's state (llguidance.LLMatcher)
 
     def __post_init__(self):
         self.prompt_len = self.prompt_len or len(self.token_ids)

@@ -9,6 +9,7 @@ model unhealthy and `triton-vlm serve` reloads it.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -162,6 +163,27 @@ def _gauges():
         return [], []
 
 
+def output_arrays(out: RequestOutput) -> dict[str, np.ndarray]:
+    """One completion's news as llm output tensors (plain numpy, built outside PB_LOCK's concerns)."""
+    arrays = {"output_ids": np.asarray(out.new_token_ids, dtype=np.int64),
+              "index": np.array([out.index], dtype=np.uint32),
+              "text_output": np.array([out.text.encode()], dtype=object),
+              "cumulative_logprob": np.array([out.cumulative_logprob], dtype=np.float32)}
+    if out.finish_reason is not None:
+        arrays["finish_reason"] = np.array([out.finish_reason.encode()], dtype=object)
+    if out.logprobs is not None:
+        arrays["logprobs"] = np.array([logprobs_json(out.logprobs).encode()], dtype=object)
+    if out.prompt_logprobs is not None:
+        arrays["prompt_logprobs"] = np.array([logprobs_json(out.prompt_logprobs).encode()], dtype=object)
+    return arrays
+
+
+def logprobs_json(entries: list[dict | None]) -> str:
+    """Triton vLLM backend's layout: per token {"<id>": {"logprob", "rank", "decoded_token"}} (or null)."""
+    return json.dumps([None if entry is None else {str(t): {"logprob": lp, "rank": rank, "decoded_token": text}
+                                                   for t, (lp, rank, text) in entry.items()} for entry in entries])
+
+
 def _locked(fn):
     def call(*args):
         with PB_LOCK:
@@ -175,8 +197,6 @@ def _streamer(sender):
         if out.error:
             sender.send(error_response(pb_utils, out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
             return
-        tensors = [pb_utils.Tensor("output_ids", np.asarray(out.new_token_ids, dtype=np.int64))]
-        if out.finished:
-            tensors.append(pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=object)))
+        tensors = [pb_utils.Tensor(name, array) for name, array in output_arrays(out).items()]
         sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
     return send

@@ -3,7 +3,8 @@
 execute() copies each request's inputs out of shared memory (the stub may reuse it once execute
 returns: reading it later corrupted the heap under concurrency), then a worker thread checks the
 request against the serving limits, tokenizes, decodes and preprocesses its images, embeds them
-with `vision_encoder`, streams token ids from `llm` and turns them into text deltas. Inputs
+with `vision_encoder`, and relays the text deltas `llm` streams (one completion each) as responses
+holding all n completions. Inputs and outputs
 mirror Triton's vLLM backend so its clients work unchanged.
 
 No wait is unbounded: vision calls carry a timeout; llm sends every waiting request an empty
@@ -14,6 +15,7 @@ llm request is aborted so its KV blocks are freed at once.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -25,17 +27,23 @@ from typing import NamedTuple
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..detokenizer import Detokenizer
 from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
-from ..preprocess import Preprocessor, decode_image
-from .params import error_response, flag, model_parameters, optional_input, scalar, text
+from ..messages import Media, parse_messages
+from ..preprocess import Preprocessor, as_image
+from .params import (SCALAR_INPUTS, error_response, flag, model_parameters, optional_input, request_sampling_params,
+                     scalar, text)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
-EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
-INPUTS = ("text_input", "image", "sampling_parameters", "stream", "exclude_input_in_output",
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumulative_logprob", "logprobs",
+                 "prompt_logprobs")
+INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
+INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
+LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob",
+               "prompt_logprobs"]
+LLM_INPUT_NAMES = ("input_ids", "image_embeds", "sampling_parameters")  # how llm's input refusals begin
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
@@ -51,7 +59,8 @@ STREAM_GRACE_S = 10.0
 
 class VLMRequest(NamedTuple):
     prompt: str
-    images: list  # undecoded elements of `image`
+    prompt_field: str  # "text_input" or "messages", for errors
+    images: list[Media]  # in placeholder order; undecoded unless video frames
     stream: bool
     params: SamplingParams
     exclude_input: bool
@@ -148,20 +157,55 @@ STREAMS = Streams()
 
 
 class LLMOutput(NamedTuple):
-    """One llm response as plain data."""
+    """One llm response as plain data: one completion's news."""
     ids: list[int]
-    finish_reason: str | None
+    finish_reason: str | None  # set when this completion ended
     error: RequestError | None
+    index: int = 0
+    text: str = ""
+    logprobs: list | None = None  # vLLM-backend layout, one dict per new token; None unless asked for
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: str | None = None  # JSON, once
 
 
 def llm_output(response) -> LLMOutput:
     """Call under PB_LOCK."""
     if response.has_error():
         return LLMOutput([], None, _llm_error(response.error()))
-    ids = _output(response, "output_ids")
-    reason = _output(response, "finish_reason")
-    return LLMOutput([] if ids is None else ids.tolist(), None if reason is None else reason.reshape(-1)[0].decode(),
-                     None)
+    get = lambda name: _output(response, name)  # noqa: E731
+    ids, reason, index, text_out, logprobs, cumulative, prompt_logprobs = (get(n) for n in LLM_OUTPUTS)
+    first = lambda a, default: default if a is None else a.reshape(-1)[0]  # noqa: E731
+    return LLMOutput([] if ids is None else ids.tolist(), None if reason is None else first(reason, b"").decode(),
+                     None, int(first(index, 0)), first(text_out, b"").decode(),
+                     None if logprobs is None else json.loads(first(logprobs, b"null")),
+                     float(first(cumulative, 0.0)),
+                     None if prompt_logprobs is None else first(prompt_logprobs, b"null").decode())
+
+
+@dataclass
+class Completion:
+    """What vlm has of one of the request's n completions, and what it has not sent yet."""
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    prompt_logprobs: str | None = None  # JSON, until sent
+
+    def take(self, response: LLMOutput) -> bool:
+        """Add one llm response; whether it brought anything to send."""
+        self.text.append(response.text)
+        self.num_tokens += len(response.ids)
+        self.logprobs.extend(response.logprobs or [])
+        self.cumulative_logprob = response.cumulative_logprob
+        self.finish_reason = response.finish_reason or self.finish_reason
+        self.prompt_logprobs = response.prompt_logprobs or self.prompt_logprobs
+        return bool(response.text or response.finish_reason)
+
+    def flush(self) -> tuple[str, int, list]:
+        out = "".join(self.text), self.num_tokens, self.logprobs
+        self.text, self.num_tokens, self.logprobs = [], 0, []
+        return out
 
 
 def llm_outputs(request):
@@ -339,11 +383,11 @@ class TritonPythonModel:
     def _generate(self, inputs: dict, reply: Reply):
         self._check(reply)  # it may have been cancelled while queued
         req = self._parse(inputs)
+        _check_stream_echo(inputs)
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
-        images = [decode_image(_as_bytes(b), f"image[{i}]", self.limits.max_image_pixels)
-                  for i, b in enumerate(req.images)] if req.images else []
+        images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
         self._check(reply)
-        embeds = self._embed_images(images) if images else None
+        embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
         self._check(reply)
         request_id = uuid.uuid4().hex
         with PB_LOCK:
@@ -364,37 +408,31 @@ class TritonPythonModel:
             self._in_flight.pop(request_id, None)
 
     def _relay(self, outputs, flight: InFlight, req: VLMRequest, n_in: int) -> None:
-        """Turn llm responses into vlm responses until llm's final answer."""
+        """Turn llm responses (one completion each) into vlm responses (all n completions each)."""
         reply = flight.reply
-        detok = Detokenizer(self.pre.tokenizer)
-        pieces, unsent_tokens, total_tokens, reason = [], 0, 0, None
+        completions = [Completion() for _ in range(req.params.n)]
         for response in outputs:  # llm sends an empty one every 250 ms while a request waits
             flight.heard_at = time.monotonic()
             if response.error:
                 raise response.error
-            unsent_tokens += len(response.ids)
-            total_tokens += len(response.ids)
-            delta = detok.add(response.ids)
-            reason = response.finish_reason
-            if reason is not None:
-                delta += detok.flush()
-            if not req.stream:
-                pieces.append(delta)
-            elif delta or reason:
-                reply.send(self._response(req, delta, reason, n_in, unsent_tokens), final=reason is not None)
-                unsent_tokens = 0
-            if reason is not None:
+            if not 0 <= response.index < len(completions):
+                raise RequestError(f"llm: completion index {response.index} out of range", pb_utils.TritonError.INTERNAL)
+            news = completions[response.index].take(response)
+            done = all(c.finish_reason for c in completions)
+            if req.stream and news:
+                reply.send(self._response(req, completions, n_in, done), final=done)
+            if done:
                 break
             if flight.abandoned:
                 raise RequestError("abandoned by the watchdog", pb_utils.TritonError.UNAVAILABLE)
             self._check(reply)
-        if reason is None:
+        ended = [c.finish_reason for c in completions if c.finish_reason]
+        if not ended:
             raise RequestError("llm: stream ended without a final response", pb_utils.TritonError.INTERNAL)
-        if not req.stream:
-            body = "".join(pieces)
-            # Like the vLLM backend: a non-streamed answer repeats the prompt unless told not to.
-            text_out = body if req.exclude_input else req.prompt + body
-            reply.send(self._response(req, text_out, reason, n_in, total_tokens), final=True)
+        for c in completions:  # ended before it forked (aborted early): its siblings never started
+            c.finish_reason = c.finish_reason or ended[0]
+        if not reply.closed:  # not streamed, or the stream ended early
+            reply.send(self._response(req, completions, n_in, True), final=True)
 
     def _watch(self) -> None:
         """Answer the clients of requests whose llm went silent: a dead llm stub never answers again."""
@@ -419,12 +457,25 @@ class TritonPythonModel:
                 flight.reply.done()  # its thread may never return: give back its slot now
 
     @staticmethod
-    def _response(req: VLMRequest, text_out: str, reason: str | None, n_in: int, n_out: int) -> dict:
-        """text_output plus whichever of the vLLM backend's optional outputs the request asked for."""
-        values = {"text_output": text_out.encode(), "finish_reason": (reason or "").encode(),
-                  "num_input_tokens": n_in, "num_output_tokens": n_out}
-        return {name: np.array([values[name]], dtype=object if isinstance(values[name], bytes) else np.uint32)
-                for name in ("text_output", *req.extra_outputs)}
+    def _response(req: VLMRequest, completions: list[Completion], n_in: int, final: bool) -> dict:
+        """text_output plus whichever of the vLLM backend's optional outputs the request asked for, one
+        element per completion (index order), each holding what is new since the last response."""
+        prompt_logprobs, completions[0].prompt_logprobs = completions[0].prompt_logprobs or "null", None
+        texts, counts, logprobs = zip(*(c.flush() for c in completions))
+        if not req.stream and not req.exclude_input:  # as the vLLM backend: repeat the prompt first
+            texts = [req.prompt + t for t in texts]
+        arrays = {
+            "text_output": np.array([t.encode() for t in texts], dtype=object),
+            # The vLLM backend sends str(None) until a completion ends.
+            "finish_reason": np.array([str(c.finish_reason).encode() for c in completions], dtype=object),
+            "num_input_tokens": np.array([n_in], dtype=np.uint32),
+            "num_output_tokens": np.array(counts, dtype=np.uint32),
+            "cumulative_logprob": np.array([c.cumulative_logprob for c in completions], dtype=np.float32),
+            "logprobs": np.array([(json.dumps(lp) if req.params.logprobs is not None else "null").encode()
+                                  for lp in logprobs], dtype=object),
+            "prompt_logprobs": np.array([prompt_logprobs.encode()], dtype=object),  # once, then null
+        }
+        return {name: arrays[name] for name in ("text_output", *req.extra_outputs)}
 
     def _parse(self, inputs: dict) -> VLMRequest:
         limits = self.limits
@@ -432,30 +483,50 @@ class TritonPythonModel:
         if size > limits.max_request_bytes:
             raise ValueError(f"request: {size} bytes of input exceed the limit of {limits.max_request_bytes} "
                              "(max_request_bytes)")
-        raw_prompt = scalar(inputs["text_input"], "text_input")
-        if raw_prompt is None:
-            raise ValueError("text_input: required")
-        prompt = text(raw_prompt, "text_input")
-        if not prompt.strip():
-            raise ValueError("text_input: empty prompt")
-        blobs = [] if inputs["image"] is None else list(inputs["image"].reshape(-1))
+        params = request_sampling_params(inputs, limits.max_tokens)
+        blobs = [] if inputs["image"] is None else [_as_bytes(b) for b in inputs["image"].reshape(-1)]
         if len(blobs) > limits.max_images_per_request:
             raise ValueError(f"image: {len(blobs)} images exceed the limit of {limits.max_images_per_request} "
                              "per request (max_images_per_request)")
+        if inputs["messages"] is not None:
+            if inputs["text_input"] is not None:
+                raise ValueError("messages: send either text_input or messages, not both")
+            prompt, images = self._chat(text(scalar(inputs["messages"], "messages"), "messages"), blobs)
+        else:
+            prompt, images = self._prompt(inputs["text_input"], blobs)
+        asked = lambda name: bool(scalar(inputs[name], name, False))  # noqa: E731
+        extras = tuple(out for out in EXTRA_OUTPUTS if asked(f"return_{out}"))
+        source = "messages" if inputs["messages"] is not None else "text_input"
+        return VLMRequest(prompt, source, images, asked("stream"), params, asked("exclude_input_in_output"), extras)
+
+    def _prompt(self, text_input: np.ndarray | None, blobs: list[bytes]) -> tuple[str, list[Media]]:
+        raw_prompt = scalar(text_input, "text_input")
+        if raw_prompt is None:
+            raise ValueError("text_input: required (or messages)")
+        prompt = text(raw_prompt, "text_input")
+        if not prompt.strip():
+            raise ValueError("text_input: empty prompt")
         n_slots = self.pre.count_placeholders(prompt)
         if len(blobs) != n_slots:
             raise ValueError(f"image: {len(blobs)} image(s) sent but text_input has {n_slots} "
                              f"{self.pre.image_token} placeholder(s); send one image per placeholder")
-        raw_params = scalar(inputs["sampling_parameters"], "sampling_parameters")
-        params = SamplingParams.from_json(raw_params, max_tokens_limit=limits.max_tokens)
-        asked = lambda name: bool(scalar(inputs[name], name, False))  # noqa: E731
-        extras = tuple(out for out in EXTRA_OUTPUTS if asked(f"return_{out}"))
-        return VLMRequest(prompt, blobs, asked("stream"), params, asked("exclude_input_in_output"), extras)
+        return prompt, [Media(f"image[{i}]", b) for i, b in enumerate(blobs)]
+
+    def _chat(self, raw: str, blobs: list[bytes]) -> tuple[str, list[Media]]:
+        """OpenAI messages through the checkpoint's chat template; video frames count as images."""
+        chat = parse_messages(raw, blobs, image_token=self.pre.image_token,
+                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels)
+        prompt = self.pre.chat_prompt(chat.messages)
+        n_slots = self.pre.count_placeholders(prompt)
+        if n_slots != len(chat.media):
+            raise ValueError(f"messages: the chat template rendered {n_slots} {self.pre.image_token} placeholder(s) "
+                             f"for {len(chat.media)} image(s) (video frames included)")
+        return prompt, chat.media
 
     def _tokenize(self, req: VLMRequest) -> np.ndarray:
         ids = np.asarray(self.pre.input_ids(req.prompt), dtype=np.int64)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise RequestError(f"text_input: prompt has {len(ids)} tokens (image tokens included); at most "
+            raise RequestError(f"{req.prompt_field}: prompt has {len(ids)} tokens (image tokens included); at most "
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
@@ -465,7 +536,7 @@ class TritonPythonModel:
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
-                                         requested_output_names=["output_ids", "finish_reason"])
+                                         requested_output_names=LLM_OUTPUTS)
 
     def _abort_llm(self, request_id: str) -> None:
         """Stop the llm request of one that ended early, freeing its KV blocks now."""
@@ -474,8 +545,8 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001  (a dead llm has nothing left to free)
             log_error(f"vlm: could not abort llm request {request_id}: {e}")
 
-    def _embed_images(self, images) -> np.ndarray:
-        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels)
+    def _embed_images(self, images, fields: list[str]) -> np.ndarray:
+        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels, fields=fields)
         chunks = []
         for start in range(0, len(pixels), self.vision_max_batch):
             batch = pixels[start:start + self.vision_max_batch]
@@ -502,23 +573,43 @@ def _encode(pixels: np.ndarray, timeout_s: float) -> np.ndarray:
         return _output(response, "image_embeds")
 
 
-def read_inputs(request) -> dict[str, np.ndarray | None]:
-    """Copies of the request's input tensors, safe to read after execute() returns."""
+def read_inputs(request) -> dict:
+    """Copies of the request's input tensors, safe to read after execute() returns, and its
+    `parameters` (JSON text), where vLLM-backend clients may put sampling parameters instead."""
     arrays = {name: optional_input(pb_utils, request, name) for name in INPUTS}
-    return {name: None if a is None else a.copy() for name, a in arrays.items()}
+    if arrays["return_log_probs"] is not None and bool(scalar(arrays["return_log_probs"], "return_log_probs")):
+        for name in ("return_logprobs", "return_cumulative_logprob"):  # TensorRT-LLM's one switch for both
+            arrays[name] = np.array([True])
+    return {**{name: None if a is None else a.copy() for name, a in arrays.items()},
+            "parameters": request.parameters()}
+
+
+def _check_stream_echo(inputs: dict) -> None:
+    """As the vLLM backend: a stream cannot repeat the prompt, so asking for it is an error."""
+    exclude = inputs["exclude_input_in_output"]
+    if bool(scalar(inputs["stream"], "stream", False)) and exclude is not None and \
+            not bool(scalar(exclude, "exclude_input_in_output")):
+        raise ValueError("exclude_input_in_output: false is not allowed when streaming "
+                         "(a stream cannot repeat the prompt)")
 
 
 def _llm_error(error) -> RequestError:
-    """Triton 2.51 drops the status code of an error that crosses BLS (all arrive as INTERNAL), so
-    llm's refusals for lack of capacity are recognised by their wording: clients get UNAVAILABLE
-    (HTTP 503, which they retry). Anything else llm refuses, vlm has already checked: INTERNAL."""
+    """Triton 2.51 drops the status code of an error that crosses BLS (all arrive as INTERNAL), so it
+    is recovered from llm's wording: capacity refusals are UNAVAILABLE (HTTP 503, which clients
+    retry), refusals naming one of llm's inputs are INVALID_ARG, anything else INTERNAL."""
     message = error.message()
-    unavailable = message.startswith(("server busy", "llm engine stopped"))
-    return RequestError(f"llm: {message}",
-                        pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INTERNAL)
+    if message.startswith(("server busy", "llm engine stopped")):
+        code = pb_utils.TritonError.UNAVAILABLE
+    elif message.startswith(LLM_INPUT_NAMES):
+        code = pb_utils.TritonError.INVALID_ARG
+    else:
+        code = pb_utils.TritonError.INTERNAL
+    return RequestError(f"llm: {message}", code)
 
 
-def _nbytes(array: np.ndarray) -> int:
+def _nbytes(array: np.ndarray | str) -> int:
+    if isinstance(array, str):
+        return len(array)
     if array.dtype == object:
         return sum(len(v) if isinstance(v, (bytes, str)) else 0 for v in array.reshape(-1))
     return array.nbytes
