@@ -130,6 +130,27 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
     return Image.merge("LA", (grey, alpha))
 
 
+def as_image(data: bytes | Image.Image, field: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """decode_image for encoded bytes; an already decoded image (a video frame) gets the same pixel limit."""
+    if not isinstance(data, Image.Image):
+        return decode_image(data, field, max_pixels)
+    if data.width * data.height > max_pixels:
+        raise ValueError(f"{field}: {data.width}x{data.height} pixels exceeds the limit of {max_pixels} "
+                         "(max_image_pixels)")
+    return to_rgb(data)
+
+
+def _chat_processor(checkpoint):
+    """The checkpoint's processor if it carries a chat template, else None (then only text_input works)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except Exception:  # noqa: BLE001  no processor files: prompts come as text_input only
+        return None
+    return processor if getattr(processor, "chat_template", None) else None
+
+
 class Preprocessor:
     """Tokenizer + image processor of one checkpoint, producing exactly what its HF processor would."""
 
@@ -139,6 +160,7 @@ class Preprocessor:
         self.geometry = ModelGeometry.from_checkpoint(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.image_processor = AutoImageProcessor.from_pretrained(checkpoint)
+        self.chat_processor = _chat_processor(checkpoint)
         # Fast tokenizers reset their truncation state on each call: not safe from two threads at once.
         self._encode_lock = threading.Lock()
 
@@ -149,10 +171,21 @@ class Preprocessor:
     def count_placeholders(self, text: str) -> int:
         return text.count(self.image_token)
 
-    def pixel_values(self, images: list[Image.Image], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-        """images[i] is the request's image[i]; one too elongated for the processor's resize raises ValueError."""
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The checkpoint's own chat template over messages.parse_messages' output, generation prompt added."""
+        if self.chat_processor is None:
+            raise ValueError("messages: this checkpoint has no chat template; send text_input instead")
+        try:
+            return self.chat_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001  jinja's own errors, e.g. a template that demands alternating roles
+            raise ValueError(f"messages: the checkpoint's chat template refused them ({e})") from None
+
+    def pixel_values(self, images: list[Image.Image], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     fields: list[str] | None = None) -> np.ndarray:
+        """images[i] is the request's image[i] (or fields[i]); one too elongated for the processor's resize
+        raises ValueError."""
         for i, img in enumerate(images):
-            self._check_resize(img, f"image[{i}]", max_pixels)
+            self._check_resize(img, fields[i] if fields else f"image[{i}]", max_pixels)
         out = self.image_processor(images=images, return_tensors="np")["pixel_values"]
         return np.ascontiguousarray(out, dtype=np.float32)
 

@@ -128,6 +128,7 @@ max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},

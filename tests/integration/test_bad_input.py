@@ -85,6 +85,27 @@ def sampling(text: str) -> dict:
     return {"text_input": P0, "sampling_parameters": text}
 
 
+def chat(*parts, role: str = "user") -> str:
+    return json.dumps([{"role": role, "content": list(parts)}])
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def video_part(url: str, frames: int = 2) -> dict:
+    return {"type": "video_url", "video_url": {"url": url, "num_frames": frames}}
+
+
+def mp4(frames: int) -> str:
+    from test_video import make_video
+
+    return "data:video/mp4;base64," + base64.b64encode(make_video(frames)).decode()
+
+
+ASK = {"type": "text", "text": "What is in this picture?"}
+DATA_URL = "data:image/png;base64," + B64
+
 CASES = [
     # images
     Case("image-undecodable", {"text_input": P1, "image": [Raw(b"definitely not an image")]},
@@ -114,7 +135,7 @@ CASES = [
     Case("images-over-the-limit", {"text_input": P1.replace("<image>", "<image>" * 4), "image": [Raw(PHOTO)] * 4},
          r"image: 4 images exceed the limit of 3 per request \(max_images_per_request\)"),
     # text
-    Case("text-missing", {"sampling_parameters": json.dumps(GREEDY)}, r"text_input: required"),
+    Case("text-missing", {"sampling_parameters": json.dumps(GREEDY)}, r"text_input: required \(or messages\)"),
     Case("text-empty", {"text_input": ""}, r"text_input: empty prompt"),
     Case("text-blank", {"text_input": "  \n "}, r"text_input: empty prompt"),
     Case("text-too-long", {"text_input": "USER: " + "word " * 3000 + "\nASSISTANT:"},
@@ -124,6 +145,43 @@ CASES = [
          r"text_input: prompt has \d+ tokens \(image tokens included\)"),
     Case("request-over-byte-limit", {"text_input": P1, "image": [Raw(b"\0" * (3 * 1024 * 1024))]},
          r"request: \d+ bytes of input exceed the limit of 2097152 \(max_request_bytes\)"),
+    # messages (OpenAI chat format)
+    Case("messages-invalid-json", {"messages": "[{"}, r"messages: not valid JSON"),
+    Case("messages-not-a-list", {"messages": '{"role": "user"}'}, r"messages: expected a non-empty JSON array"),
+    Case("messages-and-text-input", {"text_input": P0, "messages": chat(ASK)},
+         r"messages: send either text_input or messages, not both"),
+    Case("messages-bad-role", {"messages": chat(ASK, role="tool")}, r"messages\[0\]\.role: must be one of"),
+    Case("messages-unknown-part", {"messages": chat(ASK, {"type": "input_audio"})},
+         r"messages\[0\]\.content\[1\]: unsupported content part \"input_audio\""),
+    Case("messages-placeholder-in-text", {"messages": chat({"type": "text", "text": "<image> hi"})},
+         r"messages\[0\]\.content\[0\]\.text: contains the image placeholder <image>"),
+    Case("messages-image-http-url", {"messages": chat(ASK, image_part("http://127.0.0.1:9/cat.png"))},
+         r"messages\[0\]\.content\[1\]\.image_url: URLs are not fetched"),
+    Case("messages-image-ref-out-of-range", {"messages": chat(image_part("#1"), ASK), "image": [Raw(PHOTO)]},
+         r"messages\[0\]\.content\[0\]\.image_url: \"#1\" but the image input has 1 element"),
+    Case("messages-image-unreferenced", {"messages": chat(ASK), "image": [Raw(PHOTO)]},
+         r"image\[0\]: not referenced by any image_url \"#0\""),
+    Case("messages-image-undecodable", {"messages": chat(ASK, image_part(DATA_URL), image_part("#0")),
+                                        "image": [Raw(b"junk")]},
+         r"messages\[0\]\.content\[2\]\.image_url: .*not a decodable image"),
+    Case("messages-image-data-url-not-image", {"messages": chat(ASK, image_part("data:text/plain;base64," + B64))},
+         r"messages\[0\]\.content\[1\]\.image_url: .*data URL"),
+    Case("messages-image-in-assistant", {"messages": json.dumps([{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": [image_part("#0")]}]),
+                                         "image": [Raw(PHOTO)]},
+         r"messages\[1\]\.content\[0\]\.image_url: images and videos go in user messages"),
+    Case("messages-images-over-the-limit", {"messages": chat(ASK, *[image_part(DATA_URL)] * 4)},
+         r"messages: 4 images \(video frames included\) exceed the limit of 3 per request"),
+    Case("messages-video-frames-over-the-limit", {"messages": chat(ASK, image_part(DATA_URL), video_part(mp4(4), 3))},
+         r"messages: 4 images \(video frames included\) exceed the limit of 3 per request"),
+    Case("messages-video-undecodable", {"messages": chat(ASK, video_part("data:video/mp4;base64," + base64.b64encode(b"no video " * 50).decode()))},
+         r"messages\[0\]\.content\[1\]\.video_url: not a decodable video"),
+    Case("messages-video-bad-num-frames", {"messages": chat(ASK, video_part(mp4(2), 0))},
+         r"messages\[0\]\.content\[1\]\.video_url\.num_frames: must be an integer"),
+    Case("messages-too-long", {"messages": chat({"type": "text", "text": "word " * 3000})},
+         r"messages: prompt has \d+ tokens .* \(max_prompt_tokens\)"),
+    Case("messages-wrong-dtype", {"messages": Tensor(np.array([7], np.int32), "INT32", 7)}, r"messages",
+         TRITON_HTTP_TYPE_ERROR),
     # tensors
     Case("text-wrong-dtype", {"text_input": Tensor(np.array([7], np.int32), "INT32", 7)}, r"text_input",
          TRITON_HTTP_TYPE_ERROR),

@@ -27,13 +27,14 @@ import triton_python_backend_utils as pb_utils
 from ..detokenizer import Detokenizer
 from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
-from ..preprocess import Preprocessor, decode_image
+from ..messages import Media, parse_messages
+from ..preprocess import Preprocessor, as_image
 from .params import error_response, model_parameters, optional_input, scalar, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
 EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
-INPUTS = ("text_input", "image", "sampling_parameters", "stream", "exclude_input_in_output",
+INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
@@ -47,7 +48,8 @@ PB_LOCK = threading.RLock()
 
 class VLMRequest(NamedTuple):
     prompt: str
-    images: list  # undecoded elements of `image`
+    prompt_field: str  # "text_input" or "messages", for errors
+    images: list[Media]  # in placeholder order; undecoded unless video frames
     stream: bool
     params: SamplingParams
     exclude_input: bool
@@ -302,10 +304,9 @@ class TritonPythonModel:
         self._check(reply)  # it may have been cancelled while queued
         req = self._parse(inputs)
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
-        images = [decode_image(_as_bytes(b), f"image[{i}]", self.limits.max_image_pixels)
-                  for i, b in enumerate(req.images)] if req.images else []
+        images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
         self._check(reply)
-        embeds = self._embed_images(images) if images else None
+        embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
         self._check(reply)
         request_id = uuid.uuid4().hex
         with PB_LOCK:
@@ -393,30 +394,51 @@ class TritonPythonModel:
         if size > limits.max_request_bytes:
             raise ValueError(f"request: {size} bytes of input exceed the limit of {limits.max_request_bytes} "
                              "(max_request_bytes)")
-        raw_prompt = scalar(inputs["text_input"], "text_input")
-        if raw_prompt is None:
-            raise ValueError("text_input: required")
-        prompt = text(raw_prompt, "text_input")
-        if not prompt.strip():
-            raise ValueError("text_input: empty prompt")
-        blobs = [] if inputs["image"] is None else list(inputs["image"].reshape(-1))
+        raw_params = scalar(inputs["sampling_parameters"], "sampling_parameters")
+        params = SamplingParams.from_json(raw_params, max_tokens_limit=limits.max_tokens)
+        blobs = [] if inputs["image"] is None else [_as_bytes(b) for b in inputs["image"].reshape(-1)]
         if len(blobs) > limits.max_images_per_request:
             raise ValueError(f"image: {len(blobs)} images exceed the limit of {limits.max_images_per_request} "
                              "per request (max_images_per_request)")
+        if inputs["messages"] is not None:
+            if inputs["text_input"] is not None:
+                raise ValueError("messages: send either text_input or messages, not both")
+            prompt, images = self._chat(text(scalar(inputs["messages"], "messages"), "messages"), blobs)
+        else:
+            prompt, images = self._prompt(inputs["text_input"], blobs)
+        asked = lambda name: bool(scalar(inputs[name], name, False))  # noqa: E731
+        extras = tuple(out for out in EXTRA_OUTPUTS if asked(f"return_{out}"))
+        source = "messages" if inputs["messages"] is not None else "text_input"
+        return VLMRequest(prompt, source, images, asked("stream"), params, asked("exclude_input_in_output"), extras)
+
+    def _prompt(self, text_input: np.ndarray | None, blobs: list[bytes]) -> tuple[str, list[Media]]:
+        raw_prompt = scalar(text_input, "text_input")
+        if raw_prompt is None:
+            raise ValueError("text_input: required (or messages)")
+        prompt = text(raw_prompt, "text_input")
+        if not prompt.strip():
+            raise ValueError("text_input: empty prompt")
         n_slots = self.pre.count_placeholders(prompt)
         if len(blobs) != n_slots:
             raise ValueError(f"image: {len(blobs)} image(s) sent but text_input has {n_slots} "
                              f"{self.pre.image_token} placeholder(s); send one image per placeholder")
-        raw_params = scalar(inputs["sampling_parameters"], "sampling_parameters")
-        params = SamplingParams.from_json(raw_params, max_tokens_limit=limits.max_tokens)
-        asked = lambda name: bool(scalar(inputs[name], name, False))  # noqa: E731
-        extras = tuple(out for out in EXTRA_OUTPUTS if asked(f"return_{out}"))
-        return VLMRequest(prompt, blobs, asked("stream"), params, asked("exclude_input_in_output"), extras)
+        return prompt, [Media(f"image[{i}]", b) for i, b in enumerate(blobs)]
+
+    def _chat(self, raw: str, blobs: list[bytes]) -> tuple[str, list[Media]]:
+        """OpenAI messages through the checkpoint's chat template; video frames count as images."""
+        chat = parse_messages(raw, blobs, image_token=self.pre.image_token,
+                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels)
+        prompt = self.pre.chat_prompt(chat.messages)
+        n_slots = self.pre.count_placeholders(prompt)
+        if n_slots != len(chat.media):
+            raise ValueError(f"messages: the chat template rendered {n_slots} {self.pre.image_token} placeholder(s) "
+                             f"for {len(chat.media)} image(s) (video frames included)")
+        return prompt, chat.media
 
     def _tokenize(self, req: VLMRequest) -> np.ndarray:
         ids = np.asarray(self.pre.input_ids(req.prompt), dtype=np.int64)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise RequestError(f"text_input: prompt has {len(ids)} tokens (image tokens included); at most "
+            raise RequestError(f"{req.prompt_field}: prompt has {len(ids)} tokens (image tokens included); at most "
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
@@ -435,8 +457,8 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001  (a dead llm has nothing left to free)
             log_error(f"vlm: could not abort llm request {request_id}: {e}")
 
-    def _embed_images(self, images) -> np.ndarray:
-        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels)
+    def _embed_images(self, images, fields: list[str]) -> np.ndarray:
+        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels, fields=fields)
         chunks = []
         for start in range(0, len(pixels), self.vision_max_batch):
             batch = pixels[start:start + self.vision_max_batch]
