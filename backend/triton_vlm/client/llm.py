@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+from PIL import Image
+
 from . import protocol
 from .conversation import from_prompt, pack
 from .media import DEFAULT_FRAMES, IMAGE_PLACEHOLDER, image_bytes, video_frames
@@ -117,7 +120,7 @@ class LLM:
         images = [self._image(im, uid, f"{where}.multi_modal_data.image[{k}]")
                   for k, (im, uid) in enumerate(_items(data.get("image"), uuids.get("image")))]
         videos = [video_frames(v, self.num_frames, f"{where}.multi_modal_data.video[{k}]")
-                  for k, v in enumerate(_as_list(data.get("video")))]
+                  for k, v in enumerate(_videos(data.get("video")))]
         return _interleave(prompt["prompt"], images, videos, where)
 
     def _image(self, image, uid: str | None, where: str) -> bytes:
@@ -133,6 +136,14 @@ class LLM:
 
 def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, list) else [x]
+
+
+def _videos(x) -> list:
+    """One video (a file, or its frames: a list of images or a TxHxWx3 array), or a list of videos."""
+    first = x[0] if isinstance(x, list) and x else None
+    if isinstance(first, Image.Image) or (isinstance(first, np.ndarray) and first.ndim == 3):
+        return [x]  # one video's frames
+    return _as_list(x)
 
 
 def _items(data, uuids) -> list[tuple]:
