@@ -95,3 +95,54 @@ def test_chat_follow_up_about_the_same_image(toy_server):
         right += sess.response.text == second.colour
         assert sess.history[1] == (f"And the {second.kind}?", sess.response.text)
     assert right >= 4
+
+
+def write_clip(path, image, frames: int = 12):
+    """An MP4 showing `image` for `frames` frames."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=12)
+        stream.width, stream.height = image.size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_video_frames_go_as_images(toy_server, tmp_path):
+    img, question, answer = scenes(1, "client-video", ("colour",))[0]
+    clip = write_clip(tmp_path / "clip.mp4", img)
+    llm = LLM(toy_server.grpc_url, num_frames=4)
+    (out,) = llm.generate({"prompt": f"USER: <video>\n{question}\nASSISTANT:", "multi_modal_data": {"video": str(clip)}},
+                          GREEDY)
+    assert out.outputs[0].text.strip() == answer
+    (one,) = llm.generate({"prompt": llava(question), "multi_modal_data": {"image": img}}, GREEDY)
+    assert out.num_prompt_tokens - one.num_prompt_tokens == 3 * (9 + 1)  # 3 more frames: 9 image tokens + "\n" each
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": str(clip)}},
+                                             {"type": "text", "text": question}]}]
+    assert pipeline(toy_server.grpc_url, num_frames=4)(messages).text == answer
+
+
+def test_ask_chat_in_the_terminal(toy_server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton_vlm.toy.scenes import Scene, Shape
+
+    scene = Scene([Shape("circle", "red", 0.17, 0.5, 0.13), Shape("square", "blue", 0.83, 0.18, 0.12)],
+                  background=(236, 232, 220), noise=0.0, noise_seed=0)
+    render(scene, SIZE).save(tmp_path / "scene.png")
+    ask_py = Path(__file__).resolve().parents[2] / "clients" / "ask.py"
+    run = subprocess.run([sys.executable, str(ask_py), "--chat", "--url", toy_server.grpc_url,
+                          "What colour is the circle?", str(tmp_path / "scene.png")],
+                         input="And the square?\nHow many shapes are there?\n\n", capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    answers = [line.split("ASSISTANT: ", 1)[1] for line in run.stdout.splitlines() if "ASSISTANT: " in line]
+    assert answers == ["red", "blue", "two"]

@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0
     batch: int = 32
     steps_vision: int = 300
-    steps_language: int = 3000
+    steps_language: int = 4000  # chats of up to three turns: more to learn than single questions
     steps_bridge: int = 300
     steps_joint: int = 600
     lr_vision: float = 2e-3
