@@ -68,7 +68,7 @@ class TrainConfig:
     steps_vision: int = 300
     steps_language: int = 4000  # chats of up to three turns: more to learn than single questions
     steps_bridge: int = 300
-    steps_joint: int = 600
+    steps_joint: int = 800
     lr_vision: float = 2e-3
     lr_language: float = 1e-3
     lr_bridge: float = 1e-3
