@@ -3,9 +3,13 @@
 
   python clients/ask.py "What is in this picture?" photo.jpg            # gRPC, streamed as it arrives
   python clients/ask.py --protocol http "Describe both." a.png b.png     # HTTP generate endpoint
+  python clients/ask.py --chat "What shape is red?" scene.png            # then follow-ups at the > prompt
+  python clients/ask.py --video clip.mp4 "What colour is the circle?"    # 8 frames sampled (--frames N)
 
 The question is wrapped in the checkpoint's chat format ("USER: <image>\\n...\\nASSISTANT:") unless
---raw is given, in which case it is sent verbatim and must hold one <image> per image.
+--raw is given, in which case it is sent verbatim and must hold one <image> per image. --chat and --video
+send OpenAI-style messages through triton_vlm.client (gRPC) and the server applies the checkpoint's own
+chat template; a chat resends its history each turn (the server keeps no session).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ def llava_prompt(question: str, n_images: int, image_token: str = "<image>") -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("question")
+    p.add_argument("question", nargs="?", help="(with --chat: the first question; asked for if left out)")
     p.add_argument("images", nargs="*", type=Path)
     p.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, 127.0.0.1:8000 for HTTP)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
@@ -32,7 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--sampling", default="{}", help="extra sampling_parameters as JSON, e.g. '{\"top_p\": 0.9}'")
+    p.add_argument("--chat", action="store_true", help="an interactive multi-turn chat about the images")
+    p.add_argument("--video", help="a video file (or URL) to ask about")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
     args = p.parse_args(argv)
+    if args.chat or args.video:
+        return converse(args)
+    if args.question is None:
+        p.error("a question is needed (or --chat)")
 
     images = [path.read_bytes() for path in args.images]
     prompt = args.question if args.raw else llava_prompt(args.question, len(images))
@@ -52,6 +63,51 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def converse(args) -> int:
+    """--chat / --video through the client library: messages rendered by the server's template."""
+    if args.protocol != "grpc" or args.raw:
+        print("error: --chat and --video use gRPC messages (no --protocol http, no --raw)", file=sys.stderr)
+        return 2
+    config = client.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
+                                      temperature=args.temperature)
+    pipe = client.pipeline(args.url or "127.0.0.1:8001", gen_config=config, num_frames=args.frames)
+    if json.loads(args.sampling):
+        print("error: --sampling is for single questions; --chat and --video take --max-tokens and --temperature",
+              file=sys.stderr)
+        return 2
+    media = [{"type": "image_url", "image_url": {"url": str(path)}} for path in args.images]
+    if args.video:
+        media.append({"type": "video_url", "video_url": {"url": args.video}})
+    session, question = None, args.question
+    while True:
+        question = question or _read("> ")
+        if question is None:
+            return 0
+        text = [{"type": "text", "text": question}]
+        prompt = [{"role": "user", "content": media + text}] if session is None else question
+        try:
+            session = pipe.chat(prompt, session=session)
+        except (client.VLMError, ValueError) as e:  # the turn is not kept: ask again
+            print(f"error: {e}", file=sys.stderr)
+            if not args.chat:
+                return 1
+        else:
+            print(("ASSISTANT: " if args.chat else "") + session.response.text, flush=True)
+        if not args.chat:
+            return 0
+        question = None
+
+
+def _read(prompt: str) -> str | None:
+    """The next question; None at end of input or on an empty line."""
+    try:
+        line = input(prompt).strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    return line or None
 
 
 if __name__ == "__main__":

@@ -49,10 +49,12 @@ def main() -> int:
     ap.add_argument("--compare", action="store_true", help="run both backends and count differing answers")
     ap.add_argument("--url", help="Triton gRPC address, e.g. 127.0.0.1:8001")
     ap.add_argument("--start-server", action="store_true", help="build a repository and start tritonserver here")
-    ap.add_argument("-n", type=int, default=500)
+    ap.add_argument("-n", type=int, default=500, help="held-out single questions")
+    ap.add_argument("--chats", type=int, help="held-out chats of 2-3 turns, scored on their follow-ups (default n/5)")
     ap.add_argument("--seed", type=int, default=0, help="held-out stream; disjoint from every training seed")
     ap.add_argument("--show-errors", type=int, default=5, help="print up to this many wrong answers")
     args = ap.parse_args()
+    chats = args.n // 5 if args.chats is None else args.chats
     if args.n < 500:
         print(f"note: n={args.n} is below the 500 the targets are defined on", file=sys.stderr)
 
@@ -61,15 +63,20 @@ def main() -> int:
     torch.set_num_threads(2)
     model, processor = ev.load_hf(args.checkpoint)
     runs: dict[str, list[ev.Result]] = {}
+
+    def run(predict) -> list[ev.Result]:
+        return (ev.evaluate(predict, processor, n=args.n, seed=args.seed)
+                + ev.evaluate_chats(predict, processor, n=chats, seed=args.seed))
+
     if args.compare or args.backend == "hf":
-        runs["hf"] = ev.evaluate(ev.hf_predictor(model, processor), processor, n=args.n, seed=args.seed)
+        runs["hf"] = run(ev.hf_predictor(model, processor))
     if args.compare or args.backend == "triton":
         with served(args.checkpoint, args.url, args.start_server) as url:
-            runs["triton"] = ev.evaluate(ev.triton_predictor(url), processor, n=args.n, seed=args.seed)
+            runs["triton"] = run(ev.triton_predictor(url))
 
     failed = False
     for name, results in runs.items():
-        print(ev.table(results, f"\n{name}: {args.checkpoint}, {args.n} held-out pairs (seed {args.seed})"))
+        print(ev.table(results, f"\n{name}: {args.checkpoint}, {args.n} held-out pairs and {chats} chats (seed {args.seed})"))
         for r in [r for r in results if not r.correct][:args.show_errors]:
             print(f"  wrong [{r.qtype}] {r.question!r}: expected {r.answer!r}, got {r.prediction!r}")
         missed = ev.missed_targets(results)
@@ -78,7 +85,7 @@ def main() -> int:
             failed = True
     if args.compare:
         diffs = [(h, t) for h, t in zip(runs["hf"], runs["triton"]) if h.prediction != t.prediction]
-        print(f"\nHF vs Triton: {len(diffs)} of {args.n} answers differ")
+        print(f"\nHF vs Triton: {len(diffs)} of {len(runs['hf'])} answers differ")
         for h, t in diffs[:args.show_errors]:
             print(f"  [{h.qtype}] {h.question!r}: hf {h.prediction!r}, triton {t.prediction!r}")
         failed |= bool(diffs)

@@ -44,8 +44,10 @@ def main() -> None:
     Trainer(model, processor, config, log=lambda line: print(line, flush=True)).train()
     print(f"trained in {(time.monotonic() - start) / 60:.1f} min", flush=True)
     print(f"saved {save_checkpoint(model, processor, args.out)}")
-    results = ev.evaluate(ev.hf_predictor(model, processor), processor, n=args.eval_n, seed=config.seed + 1)
-    print(ev.table(results, f"held-out accuracy ({args.eval_n} pairs, greedy, in process)"))
+    predict = ev.hf_predictor(model, processor)
+    results = ev.evaluate(predict, processor, n=args.eval_n, seed=config.seed + 1)
+    results += ev.evaluate_chats(predict, processor, n=args.eval_n // 5, seed=config.seed + 1)
+    print(ev.table(results, f"held-out accuracy ({args.eval_n} pairs, {args.eval_n // 5} chats, greedy, in process)"))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
-from triton_vlm.toy.scenes import QTYPES, held_out
+from triton_vlm.toy.scenes import QTYPES, held_out, held_out_chats
 
-# Minimum exact-match accuracy per question type; captions are reported, not gated.
-TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "spatial": 0.85}
+# Minimum exact-match accuracy per question type; captions are reported, not gated. "follow-up" is any
+# question after the first in a chat about one image, scored with the model's own earlier answers as history.
+TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "spatial": 0.85, "follow-up": 0.90}
+CATEGORIES = (*QTYPES, "follow-up")
 MAX_TOKENS = 16
 
 Predict = Callable[[Image.Image, str], str]  # (image, chat-formatted prompt) -> answer text
@@ -29,8 +31,15 @@ class Result:
         return self.prediction.strip() == self.answer
 
 
-def chat_prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def chat_prompt(processor, question: str, history: Iterable[tuple[str, str]] = ()) -> str:
+    """The checkpoint's template applied to a chat about one image (shown with the first question):
+    `history` holds the earlier (question, answer) turns."""
+    messages = []
+    for q, a in [*history, (question, None)]:
+        image = [] if messages else [{"type": "image"}]
+        messages.append({"role": "user", "content": image + [{"type": "text", "text": q}]})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -87,6 +96,20 @@ def evaluate(predict: Predict, processor, n: int = 500, seed: int = 0) -> list[R
     return results
 
 
+def evaluate_chats(predict: Predict, processor, n: int = 100, seed: int = 0) -> list[Result]:
+    """Held-out chats of two or three turns, asked as a user would (each answer the model gave becomes history);
+    one "follow-up" result per question after the first."""
+    results = []
+    for image, chat in held_out_chats(n, image_size(processor), seed):
+        history: list[tuple[str, str]] = []
+        for turn in chat:
+            prediction = predict(image, chat_prompt(processor, turn.question, history))
+            if history:
+                results.append(Result("follow-up", turn.question, turn.answer, prediction))
+            history.append((turn.question, prediction.strip()))
+    return results
+
+
 def accuracy(results: Iterable[Result]) -> dict[str, tuple[int, int]]:
     """qtype -> (n, correct), plus "overall"."""
     stats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -94,7 +117,7 @@ def accuracy(results: Iterable[Result]) -> dict[str, tuple[int, int]]:
         for key in (r.qtype, "overall"):
             stats[key][0] += 1
             stats[key][1] += r.correct
-    order = [q for q in QTYPES if q in stats] + ["overall"]
+    order = [q for q in CATEGORIES if q in stats] + ["overall"]
     return {k: (stats[k][0], stats[k][1]) for k in order if k in stats}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -118,25 +119,74 @@ def caption(scene: Scene) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) pair of the given type about the scene."""
+class Turn(NamedTuple):
+    """One question and its answer; `subject` is the shape asked about, which "And the ...?" refers back to."""
+    question: str
+    answer: str
+    qtype: str
+    subject: Shape | None = None
+
+
+def ask_turn(scene: Scene, qtype: str, rng: random.Random) -> Turn:
+    """One question of the given type about the scene."""
     shapes = scene.shapes
     if qtype == "colour":
         s = rng.choice(shapes)
-        return f"What colour is the {s.kind}?", s.colour
+        return Turn(f"What colour is the {s.kind}?", s.colour, qtype, s)
     if qtype == "shape":
         s = rng.choice(shapes)
         if len(shapes) == 1 and rng.random() < 0.5:
-            return "What shape is in the image?", s.kind
-        return f"What shape is {s.colour}?", s.kind
+            return Turn("What shape is in the image?", s.kind, qtype, s)
+        return Turn(f"What shape is {s.colour}?", s.kind, qtype, s)
     if qtype == "count":
-        return "How many shapes are there?", NUMBERS[len(shapes)]
+        return Turn("How many shapes are there?", NUMBERS[len(shapes)], qtype)
     if qtype == "spatial":
         a, b = rng.sample(shapes, 2)
-        return f"Is the {a.kind} left of the {b.kind}?", "yes" if a.x < b.x else "no"
+        return Turn(f"Is the {a.kind} left of the {b.kind}?", "yes" if a.x < b.x else "no", qtype)
     if qtype == "caption":
-        return "Describe the image.", caption(scene)
+        return Turn("Describe the image.", caption(scene), qtype)
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) pair of the given type about the scene."""
+    return ask_turn(scene, qtype, rng)[:2]
+
+
+def elliptic(scene: Scene, prev: Turn, rng: random.Random) -> Turn | None:
+    """A follow-up that only makes sense after `prev` ("What colour is the circle?" -> "And the star?"), or None
+    where `prev` allows none."""
+    if prev.subject is None or prev.qtype not in ("colour", "shape"):
+        return None
+    if prev.question == "What shape is in the image?":
+        return Turn("And its colour?", prev.subject.colour, "colour", prev.subject)
+    others = [s for s in scene.shapes if s is not prev.subject]
+    if not others:
+        return None
+    o = rng.choice(others)
+    if prev.qtype == "colour":
+        return Turn(f"And the {o.kind}?", o.colour, "colour", o)
+    return Turn(f"And the {o.colour} one?", o.kind, "shape", o)
+
+
+def follow_up(scene: Scene, prev: Turn, rng: random.Random, weights=None) -> Turn:
+    """The next question in a chat about the same image: half the time elliptic where `prev` allows it,
+    otherwise a fresh question of any type the scene supports (spatial needs two shapes)."""
+    if rng.random() < 0.5 and (turn := elliptic(scene, prev, rng)) is not None:
+        return turn
+    qtypes = [q for q in QTYPES if q != "spatial" or len(scene.shapes) > 1]
+    w = None if weights is None else [weights[QTYPES.index(q)] for q in qtypes]
+    return ask_turn(scene, rng.choices(qtypes, weights=w)[0], rng)
+
+
+def sample_chat(rng: random.Random, turns: int, qtype: str | None = None, weights=None) -> tuple[Scene, list[Turn]]:
+    """A scene and a chat of `turns` questions about it, the first of type `qtype` (drawn by `weights` if None)."""
+    qtype = qtype or rng.choices(QTYPES, weights=weights)[0]
+    scene = scene_for(rng, qtype)
+    chat = [ask_turn(scene, qtype, rng)]
+    while len(chat) < turns:
+        chat.append(follow_up(scene, chat[-1], rng, weights))
+    return scene, chat
 
 
 @dataclass
@@ -183,6 +233,14 @@ def held_out(n: int, image_size: int, seed: int = 0):
         yield sample_pair(rng, image_size, QTYPES[i % len(QTYPES)])
 
 
+def held_out_chats(n: int, image_size: int, seed: int = 0):
+    """`n` (image, chat) pairs of two or three turns, first question types in turn; disjoint from held_out's."""
+    rng = random.Random(f"eval-chat-{seed}")
+    for i in range(n):
+        scene, chat = sample_chat(rng, 2 + i % 2, QTYPES[i % len(QTYPES)])
+        yield render(scene, image_size), chat
+
+
 def training_rng(seed: int) -> random.Random:
     return random.Random(f"train-{seed}")
 
@@ -192,7 +250,11 @@ def all_questions() -> list[str]:
     qs += [f"What colour is the {k}?" for k in SHAPES]
     qs += [f"What shape is {c}?" for c in COLOURS]
     qs += [f"Is the {a} left of the {b}?" for a in SHAPES for b in SHAPES if a != b]
-    return qs
+    return qs + follow_up_questions()
+
+
+def follow_up_questions() -> list[str]:
+    return ["And its colour?"] + [f"And the {k}?" for k in SHAPES] + [f"And the {c} one?" for c in COLOURS]
 
 
 def all_answer_words() -> list[str]:

@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..checkpoint import make_llava_config, make_processor, train_tokenizer
-from .scenes import (COLOURS, QTYPES, SHAPES, Scene, Shape, all_answer_words, all_questions, ask, caption, outline,
-                     render, sample_scene, scene_for, training_rng)
+from .scenes import (COLOURS, SHAPES, Scene, Shape, all_answer_words, all_questions, caption, follow_up_questions,
+                     outline, render, sample_chat, sample_scene, training_rng)
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -46,6 +46,8 @@ def tokenizer_corpus() -> list[str]:
                 for k, c in itertools.product(SHAPES, COLOURS)]
     lines = [f"USER: <image>\n{q}\nASSISTANT: {a}" for q, a in zip(all_questions(), itertools.cycle(answers))]
     lines += [f"ASSISTANT: {w}" for w in answers] + [f"ASSISTANT: {c}, {c} and {c}" for c in captions]
+    # A later turn follows the previous answer's </s> (a special token, so the text restarts at "\n").
+    lines += [f"\nUSER: {q}\nASSISTANT: {a}" for q, a in zip(follow_up_questions(), itertools.cycle(answers))]
     return lines * 4
 
 
@@ -64,15 +66,17 @@ class TrainConfig:
     seed: int = 0
     batch: int = 32
     steps_vision: int = 300
-    steps_language: int = 3000
+    steps_language: int = 4000  # chats of up to three turns: more to learn than single questions
     steps_bridge: int = 300
-    steps_joint: int = 600
+    steps_joint: int = 800
     lr_vision: float = 2e-3
     lr_language: float = 1e-3
     lr_bridge: float = 1e-3
     lr_joint: float = 2e-4
     # Question mix: spatial is the hardest, captions are long and easy.
     qtype_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 0.5)
+    # Chats of one, two and three turns about the same image (every answer is trained on).
+    turn_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
 
 
 class PatchLabels:
@@ -155,45 +159,70 @@ class Trainer:
         self.heads = VisionHeads(vc.hidden_size, self.grid)
         self.rng = training_rng(config.seed)
         self.image_token = model.config.image_token_index
-        self._prompts: dict[str, list[int]] = {}
+        self._ids: dict[str, list[int]] = {}  # token ids of prompt and answer pieces, by text
         self.start = time.monotonic()
 
     # ---- data -------------------------------------------------------------------
     def sample(self, n: int):
-        """n (scene, question, answer) triples with the configured question mix."""
+        """n (scene, chat) pairs with the configured question and turn mix."""
         out = []
         for _ in range(n):
-            qtype = self.rng.choices(QTYPES, weights=self.cfg.qtype_weights)[0]
-            scene = scene_for(self.rng, qtype)
-            question, answer = ask(scene, qtype, self.rng)
-            out.append((scene, question, answer))
+            turns = self.rng.choices(range(1, len(self.cfg.turn_weights) + 1), weights=self.cfg.turn_weights)[0]
+            out.append(sample_chat(self.rng, turns, weights=self.cfg.qtype_weights))
         return out
 
-    def prompt_ids(self, question: str) -> list[int]:
-        if question not in self._prompts:
-            from .evaluate import chat_prompt
+    def cached(self, key: str, encode) -> list[int]:
+        if key not in self._ids:
+            self._ids[key] = encode()
+        return self._ids[key]
 
-            blank = Image.new("RGB", (self.size, self.size))
-            self._prompts[question] = self.processor(images=blank, text=chat_prompt(self.processor, question))[
-                "input_ids"][0]
-        return self._prompts[question]
+    def first_prompt(self, question: str) -> list[int]:
+        """<s>, the image tokens and the first question, as the processor builds them."""
+        from .evaluate import chat_prompt
+
+        blank = Image.new("RGB", (self.size, self.size))
+        return self.cached("first:" + question, lambda: self.processor(
+            images=blank, text=chat_prompt(self.processor, question))["input_ids"][0])
+
+    def later_prompt(self, question: str) -> list[int]:
+        """What the chat template puts between an answer's </s> and the next answer."""
+        return self.cached("later:" + question, lambda: self.text_ids(f"\nUSER: {question}\nASSISTANT:"))
+
+    def answer(self, answer: str) -> list[int]:
+        return self.cached("answer:" + answer, lambda: self.text_ids(" " + answer) + [self.tok.eos_token_id])
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, chat) -> tuple[list[int], list[bool]]:
+        """The chat's token ids as the template renders it, and which of them are answer tokens (</s> included).
+
+        Pieces are tokenized apart and joined: the same ids as the whole rendered text, because </s> is a
+        special token (tokenization restarts after it) and the byte-level pre-tokenizer splits before " answer"
+        (tests/toy/test_train.py checks this against the template)."""
+        ids, is_answer = [], []
+        for i, turn in enumerate(chat):
+            prompt = self.first_prompt(turn.question) if i == 0 else self.later_prompt(turn.question)
+            ans = self.answer(turn.answer)
+            ids += prompt + ans
+            is_answer += [False] * len(prompt) + [True] * len(ans)
+        return ids, is_answer
 
     def tokens(self, samples):
-        """Padded ids, attention mask and answer labels (the loss sees the answer and </s> only)."""
-        seqs = [(self.prompt_ids(q), self.tok(" " + a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
-                for _, q, a in samples]
-        width = max(len(p) + len(a) for p, a in seqs)
+        """Padded ids, attention mask and answer labels (the loss sees the answers and their </s> only)."""
+        seqs = [self.chat_ids(chat) for _, chat in samples]
+        width = max(len(ids) for ids, _ in seqs)
         ids = torch.full((len(seqs), width), self.tok.pad_token_id)
         labels = torch.full((len(seqs), width), -100)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (p, a) in enumerate(seqs):
-            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-            mask[i, :len(p) + len(a)] = 1
+        for i, (seq, is_answer) in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, :len(seq)] = torch.where(torch.tensor(is_answer), torch.tensor(seq), -100)
+            mask[i, :len(seq)] = 1
         return ids, mask, labels
 
-    def patch_labels(self, samples) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.labels(s) for s, _, _ in samples]))
+    def patch_labels(self, scenes) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.labels(s) for s in scenes]))
 
     # ---- losses -------------------------------------------------------------------
     def vision_features(self, pix: torch.Tensor) -> torch.Tensor:
@@ -231,28 +260,28 @@ class Trainer:
                 self.log(f"{name:9s} step {step:5d}  loss {smooth:.4f}  {(time.monotonic() - self.start) / 60:5.1f} min")
 
     def vision_step(self):
-        samples = [(sample_scene(self.rng), "", "") for _ in range(self.cfg.batch)]
-        pix = pixels([render(s, self.size) for s, _, _ in samples])
-        return self.heads.loss(self.vision_features(pix), self.patch_labels(samples))
+        scenes = [sample_scene(self.rng) for _ in range(self.cfg.batch)]
+        pix = pixels([render(s, self.size) for s in scenes])
+        return self.heads.loss(self.vision_features(pix), self.patch_labels(scenes))
 
     def language_step(self):
         samples = self.sample(self.cfg.batch)
         ids, mask, labels = self.tokens(samples)
-        rows = self.symbolic(self.patch_labels(samples)).flatten(0, 1)
+        rows = self.symbolic(self.patch_labels([s for s, _ in samples])).flatten(0, 1)
         return self.answer_loss(self.language_logits(ids, mask, rows), labels)
 
     def bridge_step(self):
-        samples = [(sample_scene(self.rng), "", "") for _ in range(self.cfg.batch)]
-        pix = pixels([render(s, self.size) for s, _, _ in samples])
+        scenes = [sample_scene(self.rng) for _ in range(self.cfg.batch)]
+        pix = pixels([render(s, self.size) for s in scenes])
         with torch.no_grad():
-            target = self.symbolic(self.patch_labels(samples))
+            target = self.symbolic(self.patch_labels(scenes))
         projected = self.model.model.multi_modal_projector(self.vision_features(pix))
         return F.mse_loss(projected, target)
 
     def joint_step(self):
         samples = self.sample(self.cfg.batch)
         ids, mask, labels = self.tokens(samples)
-        pix = pixels([render(s, self.size) for s, _, _ in samples])
+        pix = pixels([render(s, self.size) for s, _ in samples])
         logits = self.model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
         return self.answer_loss(logits, labels)
 

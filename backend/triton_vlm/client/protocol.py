@@ -1,4 +1,4 @@
-"""Client helpers for the `vlm` model over Triton's own gRPC (streaming) and HTTP (generate) APIs."""
+"""The `vlm` model's request tensors, and requests over Triton's own gRPC (streaming) and HTTP (generate) APIs."""
 from __future__ import annotations
 
 import base64
@@ -7,20 +7,24 @@ import queue
 import urllib.error
 import urllib.request
 import uuid
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 MODEL = "vlm"
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
 
 
 class VLMError(RuntimeError):
     """The server answered the request with an error."""
 
 
-def grpc_inputs(prompt: str, images: list[bytes] = (), stream: bool = True, sampling: dict | None = None,
-                exclude_input: bool = True, returns: tuple[str, ...] = ()):
-    """The vlm request tensors; `returns` names optional outputs, e.g. ("finish_reason",)."""
+def grpc_inputs(prompt: str | None, images: list[bytes] = (), stream: bool = True, sampling: dict | None = None,
+                exclude_input: bool = True, returns: tuple[str, ...] = (), messages: str | None = None):
+    """The vlm request tensors; `returns` names optional outputs, e.g. ("finish_reason",).
+
+    `messages` (OpenAI chat JSON, rendered by the server with the checkpoint's template) replaces `prompt`."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, array, dtype):
@@ -28,7 +32,8 @@ def grpc_inputs(prompt: str, images: list[bytes] = (), stream: bool = True, samp
         t.set_data_from_numpy(array)
         return t
 
-    inputs = [tensor("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
+    text = ("messages", messages) if messages is not None else ("text_input", prompt)
+    inputs = [tensor(text[0], np.array([text[1].encode()], dtype=object), "BYTES"),
               tensor("stream", np.array([stream]), "BOOL"),
               tensor("exclude_input_in_output", np.array([exclude_input]), "BOOL")]
     if images:
@@ -49,7 +54,10 @@ def stream_grpc_results(url: str, inputs, timeout: float = 600) -> Iterator:
     try:
         client.async_stream_infer(MODEL, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
         while True:
-            result, error = results.get(timeout=timeout)
+            try:
+                result, error = results.get(timeout=timeout)
+            except queue.Empty:
+                raise VLMError(f"no response from {url} in {timeout:g} s") from None
             if error is not None:
                 raise VLMError(str(error))
             yield result
@@ -73,6 +81,68 @@ def stream_grpc(url: str, prompt: str, images: list[bytes] = (), sampling: dict 
 def generate_grpc(url: str, prompt: str, images: list[bytes] = (), sampling: dict | None = None,
                   stream: bool = True, exclude_input: bool = True) -> str:
     return "".join(stream_grpc(url, prompt, images, sampling, stream=stream, exclude_input=exclude_input))
+
+
+class Completion(NamedTuple):
+    """One finished request: its whole text and the vLLM backend's optional outputs."""
+    text: str
+    finish_reason: str | None  # "stop" or "length"
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+def complete(url: str, inputs, timeout: float = 600) -> Completion:
+    """Stream one request (built with returns=EXTRA_OUTPUTS) to its end."""
+    pieces, reason, n_in, n_out = [], None, 0, 0
+    for result in stream_grpc_results(url, inputs, timeout):
+        out = result.as_numpy("text_output")
+        if out is None:  # the empty final response
+            continue
+        pieces += [p.decode() for p in out.reshape(-1)]
+        r = _scalar(result, "finish_reason")
+        reason = r.decode() if r not in (None, b"", b"None") else reason  # non-final: "" or "None"
+        n_in = int(_scalar(result, "num_input_tokens") or n_in)
+        n_out += int(_scalar(result, "num_output_tokens") or 0)  # per response: the tokens it carries
+    return Completion("".join(pieces), reason, n_in, n_out)
+
+
+def _scalar(result, name: str):
+    out = result.as_numpy(name)
+    return None if out is None else out.reshape(-1)[0]
+
+
+def complete_all(url: str, requests: list[Callable[[], list]], timeout: float = 600, max_in_flight: int = 64,
+                 progress: bool = False) -> list[Completion]:
+    """Run every request concurrently, each on its own gRPC stream, at most `max_in_flight` at a time;
+    results in request order. `requests[i]()` builds request i's inputs (in the thread that sends it).
+
+    The first failure raises VLMError naming its index; requests not yet sent are dropped."""
+    results: list[Completion | None] = [None] * len(requests)
+    bar = _progress_bar(len(requests)) if progress else None
+    with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(requests)))) as pool:
+        futures = {pool.submit(lambda build=build: complete(url, build(), timeout)): i
+                   for i, build in enumerate(requests)}
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except (VLMError, ValueError) as e:
+                    raise type(e)(f"request {i}: {e}") from None
+                if bar is not None:
+                    bar.update()
+        finally:
+            for future in futures:
+                future.cancel()
+            if bar is not None:
+                bar.close()
+    return results
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")
 
 
 def _http_body(prompt, images, stream, sampling, exclude_input) -> bytes:
