@@ -43,7 +43,7 @@ def test_llm_and_vlm_are_decoupled_and_carry_the_checkpoint(built, second_checkp
     llm = parse((built / "llm" / "config.pbtxt").read_text())
     assert llm.parameters["block_size"].string_value == "32"
     vlm = parse((built / "vlm" / "config.pbtxt").read_text())
-    assert [i.name for i in vlm.input] == ["text_input", "messages", "image", "stream", "sampling_parameters",
+    assert [i.name for i in vlm.input] == ["ping", "text_input", "messages", "image", "stream", "sampling_parameters",
                                            "exclude_input_in_output", "return_finish_reason",
                                            "return_num_input_tokens", "return_num_output_tokens",
                                            "return_logprobs", "return_cumulative_logprob",

@@ -26,12 +26,11 @@ from triton_vlm.server import GRPC_HEADER_PREFIX, free_port
 
 CLI = [sys.executable, "-m", "triton_vlm.cli"]
 ADMIN = ("admin-key", "open-sesame")
-MAX_RESTARTS = 4
+MAX_RESTARTS = 3
 PROMPT = "USER: Tell me a story about a cat.\nASSISTANT:"
 GREEDY = {"max_tokens": 8, "temperature": 0}
 LONG = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}  # runs far longer than the tests wait
 RECOVERY_S = 120  # from a crash to serving again
-DEADLOCKED_S = 15  # a stub silent this long gets the server restarted
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
@@ -122,7 +121,7 @@ def served(tiny_checkpoint, tmp_path_factory):
     proc = subprocess.Popen(CLI + ["serve", "--model-repository", str(repo), "--http-port", str(http),
                                    "--grpc-port", str(grpc), "--metrics-port", str(free_port()),
                                    "--log-file", str(repo.parent / "server.log"), "--restrict-admin", "=".join(ADMIN),
-                                   "--max-restarts", str(MAX_RESTARTS), "--deadlocked-after-s", str(DEADLOCKED_S)],
+                                   "--max-restarts", str(MAX_RESTARTS)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     served = Served(proc, repo, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
 
@@ -232,23 +231,6 @@ def test_a_killed_tritonserver_is_restarted(served):
     assert not any(alive(s) for s in stubs), "the dead server's stubs outlived it"
     log = served.text()
     assert "tritonserver was killed by signal 9; restarting tritonserver" in log, log
-
-
-def test_a_frozen_vlm_stub_gets_the_server_restarted(served):
-    # Triton 2.51's stub can deadlock inside its own BLS code (README, Robustness): the process lives
-    # on, Triton still calls the model ready, and nothing answers. SIGSTOP freezes a stub the same way.
-    before = served.answer()
-    requests = InFlight(served)
-    server = served.server()
-    served.stub("vlm_0_0").suspend()
-    frozen = time.monotonic()
-    # Tritonserver then waits its 30 s exit timeout for the frozen stub before the restart can start.
-    assert wait_until(lambda: alive(server) is False and served.settled(), DEADLOCKED_S + 30 + RECOVERY_S), \
-        served.text()
-    requests.join(deadline=time.monotonic() + 10)  # the restart ended them: none hangs
-    assert served.answer() == before
-    assert "has not answered a ping for 15 s (deadlocked); restarting tritonserver" in served.text()
-    assert time.monotonic() - frozen > DEADLOCKED_S
 
 
 def test_a_crash_loop_makes_serve_exit_nonzero(served):

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import PROMPTS, images_for, metric, rng_image
+from helpers import PROMPTS, images_for, metric, rng_image, wait_for_metric
 from triton_vlm import client
 
 MAX_TOKENS = 24
@@ -108,7 +108,7 @@ def test_cancelled_stream_is_aborted_and_frees_its_blocks(tiny_server):
     for _ in range(3):
         result, error = results.get(timeout=60)
         assert error is None
-    assert metric(tiny_server, "triton_vlm_requests_running") == 1
+    assert wait_for_metric(tiny_server, "triton_vlm_requests_running", 1) == 1  # gauges lag up to 100 ms
     grpc.stop_stream(cancel_requests=True)
     grpc.close()
     cancelled_at = time.monotonic()

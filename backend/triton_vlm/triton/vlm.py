@@ -53,8 +53,9 @@ PING_TIMEOUT_S = 5.0
 # data crosses threads. Waits for llm or vision_encoder happen outside it, `exec` included (it
 # returns only with the first response): a stalled llm must not wedge every vlm thread.
 PB_LOCK = threading.RLock()
-# How long a finished BLS stream is kept before we drop it (see Streams).
-STREAM_GRACE_S = 10.0
+# How long a finished BLS stream is kept before we drop it (see Streams): the stub's erase takes
+# milliseconds; each kept stream holds its responses' shared memory, so not much longer.
+STREAM_GRACE_S = 2.0
 
 
 class VLMRequest(NamedTuple):
