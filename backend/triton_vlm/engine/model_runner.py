@@ -23,13 +23,14 @@ def pick_device_dtype(device: str, dtype: str, checkpoint_dtype: str) -> tuple[t
     return dev, {"bfloat16": torch.bfloat16}.get(checkpoint_dtype, torch.float16)
 
 
-def make_attention(device: torch.device, block_size: int):
+def make_attention(device: torch.device, block_size: int, geometry: ModelGeometry, dtype: torch.dtype):
     """FlashInfer on CUDA when installed; the plain-torch implementation everywhere else."""
     if device.type == "cuda":
         from .attention_cuda import FlashInferAttention, flashinfer_available
 
         if flashinfer_available():
-            return FlashInferAttention(block_size, device)
+            g = geometry.text
+            return FlashInferAttention(block_size, device, g.num_heads, g.num_kv_heads, g.head_dim, dtype)
     return TorchAttention(block_size, device)
 
 
@@ -45,13 +46,15 @@ class ModelRunner:
         self.model.eval()
         g = geometry.text
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
-        self.attention = make_attention(self.device, self.block_size)
+        self.max_model_len = min(config.max_model_len or geometry.max_model_len, geometry.max_model_len)
+        self.attention = make_attention(self.device, self.block_size, geometry, self.dtype)
         self.kv_cache = self.attention.kv_cache(g.num_layers, self.num_blocks, g.num_kv_heads, g.head_dim, self.dtype)
         self.graphs = None
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if config.cuda_graphs and getattr(self.attention, "supports_graphs", False):
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
 
     def _block_bytes(self) -> int:
         g = self.geometry.text
