@@ -34,12 +34,14 @@ def run_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int = 
         tables.append(pool.allocate(-(-(start + n) // BLOCK)))
         full_k.append(torch.randn(start + n, kv_heads, dim))
         full_v.append(torch.randn(start + n, kv_heads, dim))
-    # The cached part, written as earlier steps would have.
-    slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for (s, _), t in zip(seqs, tables) for p in range(s)],
-                         dtype=torch.long)
-    if len(slots):
-        write_kv(k_cache, v_cache, torch.cat([k[:s] for k, (s, _) in zip(full_k, seqs)]),
-                 torch.cat([v[:s] for v, (s, _) in zip(full_v, seqs)]), slots)
+    # The cached part, written by an earlier prefill step.
+    cached = [i for i, (s, _) in enumerate(seqs) if s]
+    if cached:
+        prefix = StepInput([0] * len(cached), [seqs[i][0] for i in cached], [tables[i] for i in cached], 0)
+        k_old = torch.cat([full_k[i][:seqs[i][0]] for i in cached])
+        v_old = torch.cat([full_v[i][:seqs[i][0]] for i in cached])
+        backend.forward(torch.randn(len(k_old), heads, dim), k_old, v_old, k_cache, v_cache, backend.prepare(prefix),
+                        1.0)
     step = StepInput([s for s, _ in seqs], [n for _, n in seqs], tables, sum(n == 1 for _, n in seqs))
     q = torch.randn(sum(step.lens), heads, dim)
     k_new = torch.cat([k[s:] for k, (s, _) in zip(full_k, seqs)])
@@ -94,8 +96,11 @@ def test_metadata_is_o_of_live_blocks():
 def test_write_kv_puts_each_token_in_its_slot():
     backend = TorchAttention(BLOCK, torch.device("cpu"))
     k_cache, v_cache = backend.kv_cache(1, 4, 2, 3, torch.float32)[:, 0]
-    k = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
-    write_kv(k_cache, v_cache, k, -k, torch.tensor([5, 14]))
+    k = torch.arange(1, 2 * 2 * 3 + 1, dtype=torch.float32).view(2, 2, 3)
+    # Position 1 of a sequence in block 1 (slot 5), position 6 of one whose second block is 3 (slot 14).
+    meta = backend.prepare(StepInput([1, 6], [1, 1], [[1], [0, 3]], 2))
+    assert meta.slot_mapping.tolist() == [5, 14]
+    write_kv(k_cache, v_cache, k, -k, meta.cache_rows)
     assert torch.equal(k_cache[1, :, 1], k[0]) and torch.equal(k_cache[3, :, 2], k[1])
     assert torch.equal(v_cache[3, :, 2], -k[1])
     assert int((k_cache != 0).sum()) == int((k != 0).sum())

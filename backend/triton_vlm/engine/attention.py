@@ -10,7 +10,8 @@ ready for a batched matmul. A token's slot is block_table[pos // block_size] * b
 The flat batch holds the decodes first (one token each), then the prefill chunks:
 - decodes attend block by block (flash-decoding): scores of each gathered block against its
   sequence's query, a softmax per block, then the blocks of one sequence merged by their
-  log-sum-exp. Work and copies are O(live tokens), rounded up to whole blocks.
+  log-sum-exp (a [decodes, blocks] 0/1 matmul sums the blocks of each sequence). Work and copies are
+  O(live tokens), rounded up to whole blocks.
 - prefill chunks attend in one SDPA call over their gathered blocks, with a block-diagonal causal mask.
 """
 from __future__ import annotations
@@ -49,11 +50,13 @@ def blocks_in_use(step: StepInput, first: int, last: int, block_size: int) -> li
 class TorchMetadata:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
+    cache_rows: torch.Tensor  # [T * kv_heads]: each new token's row per kv head in a cache viewed as [-1, head_dim]
     num_decodes: int
     # decodes: the gathered blocks, the decode row each belongs to, -inf past the context in its last block
     dec_blocks: torch.Tensor  # [NB]
     dec_block_row: torch.Tensor  # [NB]
     dec_block_bias: torch.Tensor  # [NB, 1, 1, block_size]
+    dec_select: torch.Tensor  # [num_decodes, NB]: 1 where the block belongs to the decode
     # prefill chunks: their gathered blocks and which of those slots each query may see
     pre_blocks: torch.Tensor  # [NBp]
     pre_mask: torch.Tensor  # [Tp, NBp * block_size] bool
@@ -63,9 +66,11 @@ class TorchAttention:
     def __init__(self, block_size: int, device: torch.device):
         self.block_size = block_size
         self.device = device
+        self.kv_heads, self.dtype = 1, torch.float32  # set by kv_cache
 
     def kv_cache(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype) -> torch.Tensor:
+        self.kv_heads, self.dtype = kv_heads, dtype
         return torch.zeros(2, num_layers, num_blocks, kv_heads, self.block_size, head_dim, dtype=dtype,
                            device=self.device)
 
@@ -79,6 +84,12 @@ class TorchAttention:
         dec_ctx = [step.starts[i] + 1 for i in dec_rows]
         past_end = (torch.tensor(dec_first)[:, None] + torch.arange(bs)[None, :]) >= torch.tensor(dec_ctx)[:, None]
         bias = torch.zeros(len(dec_rows), 1, 1, bs).masked_fill_(past_end[:, None, None, :], float("-inf"))
+        select = torch.zeros(nd, len(dec_rows))
+        select[torch.tensor(dec_rows, dtype=torch.long), torch.arange(len(dec_rows))] = 1.0
+        # Cache row of (token, kv head) in [blocks * kv_heads * bs, head_dim]: block, then head, then offset.
+        slots = torch.tensor(step_slots(step, bs), dtype=torch.long)
+        heads = torch.arange(self.kv_heads)
+        cache_rows = (((slots // bs)[:, None] * self.kv_heads + heads) * bs + (slots % bs)[:, None]).flatten()
 
         pre_tables = blocks_in_use(step, nd, len(step.lens), bs)
         # Every prefill key slot: (prefill sequence, position); every prefill query: the same.
@@ -93,15 +104,16 @@ class TorchAttention:
         def put(x):
             return torch.as_tensor(x, dtype=torch.long).to(dev, non_blocking=True)
 
-        return TorchMetadata(positions=put(step_positions(step)), slot_mapping=put(step_slots(step, bs)),
+        return TorchMetadata(positions=put(step_positions(step)), slot_mapping=slots.to(dev), cache_rows=put(cache_rows),
                              num_decodes=nd, dec_blocks=put([b for t in dec_tables for b in t]),
-                             dec_block_row=put(dec_rows), dec_block_bias=bias.to(dev),
+                             dec_block_row=put(dec_rows), dec_block_bias=bias.to(dev, self.dtype),
+                             dec_select=select.to(dev, self.dtype),
                              pre_blocks=put([b for t in pre_tables for b in t]), pre_mask=pre_mask.to(dev))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: TorchMetadata, scale: float) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim], causal per sequence."""
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.cache_rows)
         nd = meta.num_decodes
         if nd == q.shape[0]:
             return decode_attention(q, k_cache, v_cache, meta, scale)
@@ -110,11 +122,11 @@ class TorchAttention:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    bs = k_cache.shape[2]
-    block, offset = slot_mapping // bs, slot_mapping % bs
-    k_cache[block, :, offset] = k
-    v_cache[block, :, offset] = v
+             cache_rows: torch.Tensor) -> None:
+    """k, v [T, kv_heads, head_dim] into their rows (TorchMetadata.cache_rows): a plain row copy."""
+    dim = k.shape[-1]
+    k_cache.view(-1, dim).index_copy_(0, cache_rows, k.reshape(-1, dim))
+    v_cache.view(-1, dim).index_copy_(0, cache_rows, v.reshape(-1, dim))
 
 
 def decode_attention(q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> torch.Tensor:
@@ -135,10 +147,9 @@ def decode_attention(q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> 
     seq_max = torch.full((nd, *m.shape[1:]), float("-inf"), dtype=m.dtype, device=m.device)
     seq_max.scatter_reduce_(0, index, m, "amax")
     w = m.sub_(seq_max.index_select(0, rows)).exp_()
-    num = torch.zeros(nd, *partial_out.shape[1:], dtype=q.dtype, device=q.device)
-    num.index_add_(0, rows, partial_out.mul_(w))
-    den = torch.zeros(nd, *m.shape[1:], dtype=q.dtype, device=q.device).index_add_(0, rows, partial_sum.mul_(w))
-    return num.div_(den).view(nd, heads, dim)
+    num = torch.mm(meta.dec_select, partial_out.mul_(w).flatten(1))  # [nd, kv_heads * group * dim]
+    den = torch.mm(meta.dec_select, partial_sum.mul_(w).flatten(1))  # [nd, kv_heads * group]
+    return num.view(nd, heads, dim).div_(den.view(nd, heads, 1))
 
 
 def prefill_attention(q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> torch.Tensor:
