@@ -59,7 +59,7 @@ class TorchMetadata:
     dec_select: torch.Tensor  # [num_decodes, NB]: 1 where the block belongs to the decode
     # prefill chunks: their gathered blocks and which of those slots each query may see
     pre_blocks: torch.Tensor  # [NBp]
-    pre_mask: torch.Tensor  # [Tp, NBp * block_size] bool
+    pre_mask: torch.Tensor  # [Tp, NBp * block_size]: 0 where the query sees the slot, -inf elsewhere
 
 
 class TorchAttention:
@@ -99,7 +99,9 @@ class TorchAttention:
         q_seq = torch.tensor([i for i, n in enumerate(step.lens[nd:]) for _ in range(n)], dtype=torch.long)
         q_pos = torch.tensor([p for start, n in zip(step.starts[nd:], step.lens[nd:]) for p in range(start, start + n)],
                              dtype=torch.long)
-        pre_mask = (q_seq[:, None] == key_seq[None, :]) & (q_pos[:, None] >= key_pos[None, :])
+        visible = (q_seq[:, None] == key_seq[None, :]) & (q_pos[:, None] >= key_pos[None, :])
+        # Additive and in the model's dtype, so SDPA does not convert a bool mask again in every layer.
+        pre_mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
 
         def put(x):
             return torch.as_tensor(x, dtype=torch.long).to(dev, non_blocking=True)
