@@ -12,8 +12,10 @@ peak (SGEMM) measured in the same run. Timings on a shared machine are noisy: co
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -155,8 +157,11 @@ def timed(system: str, fn: Callable[[], list[list[int]]]) -> Run:
     try:
         outputs = fn()
     except Exception as e:  # noqa: BLE001  (a peer that breaks is reported, the others still run)
-        return Run(system, time.perf_counter() - start, 0, [], f"{type(e).__name__}: {e}")
-    return Run(system, time.perf_counter() - start, sum(map(len, outputs)), outputs)
+        run = Run(system, time.perf_counter() - start, 0, [], f"{type(e).__name__}: {e}")
+    else:
+        run = Run(system, time.perf_counter() - start, sum(map(len, outputs)), outputs)
+    print(f"  {system}: {run.seconds:.1f} s", file=sys.stderr, flush=True)
+    return run
 
 
 # ---- the machine ------------------------------------------------------------------------------------
@@ -257,7 +262,8 @@ def bench_engine(preset: str, w: Workload, batches: list[int], steps: int, check
         eff = efficiency(engine, batches, (w.min_prompt + w.max_prompt) // 2 + w.max_tokens // 2, steps)
     base, ours = runs[0], runs[-1]
     result = {"preset": preset, "geometry": asdict(PRESETS[preset]), "workload": asdict(w),
-              "threads": torch.get_num_threads(), "systems": [], "efficiency": eff}
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "systems": [],
+              "efficiency": eff}
     for r in runs:
         tps = r.tokens / r.seconds
         result["systems"].append({"system": r.system, "seconds": r.seconds, "tokens": r.tokens, "tokens_per_s": tps,
@@ -273,7 +279,7 @@ def print_engine(result: dict) -> None:
     w = result["workload"]
     print(f"preset {result['preset']} {result['geometry']}; {w['requests']} requests, prompts "
           f"{w['min_prompt']}-{w['max_prompt']} tokens, {w['max_tokens']} greedy tokens each; "
-          f"{result['threads']} torch threads")
+          f"{result['threads']} torch threads; load average {result['load_average']:.1f} at the end")
     print(f"{'system':<38} {'tok/s':>8} {'vs HF 1-at-a-time':>18} {'engine is':>10} {'equal to HF':>12}")
     for s in result["systems"]:
         if s["error"]:
