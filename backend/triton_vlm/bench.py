@@ -351,6 +351,8 @@ def print_roofline(result: dict) -> None:
 
 
 def main(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     w = Workload(args.requests, args.min_prompt, args.max_prompt, args.max_tokens, args.seed)
     if args.what == "engine":
         result = bench_engine(args.preset, w, args.batches, args.steps, args.checkpoint)

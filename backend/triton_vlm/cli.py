@@ -82,6 +82,10 @@ def admin_header(text: str) -> tuple[str, str]:
 
 
 def cmd_bench(args) -> None:
+    import os
+
+    # Set before torch starts OpenMP: idle threads sleep instead of spinning against the busy ones.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import bench
 
     if args.preset not in bench.PRESETS:
@@ -147,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="decode batch sizes for efficiency")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (median)")
     p.add_argument("--kv-budget-tokens", type=int, default=8192, help="roofline: the fixed KV budget")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
+                        "OpenMP barriers waiting on a descheduled thread")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=cmd_bench)
 
