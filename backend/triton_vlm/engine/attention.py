@@ -12,7 +12,8 @@ The flat batch holds the decodes first (one token each), then the prefill chunks
   sequence's query, a softmax per block, then the blocks of one sequence merged by their
   log-sum-exp (a [decodes, blocks] 0/1 matmul sums the blocks of each sequence). Work and copies are
   O(live tokens), rounded up to whole blocks.
-- prefill chunks attend in one SDPA call over their gathered blocks, with a block-diagonal causal mask.
+- prefill chunks attend in one batched SDPA call: each chunk's queries and gathered blocks padded to the
+  step's longest chunk and context (a block-diagonal mask over all chunks would cost chunks^2 times more).
 """
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ class TorchMetadata:
     dec_block_row: torch.Tensor  # [NB]
     dec_block_bias: torch.Tensor  # [NB, 1, 1, block_size]
     dec_select: torch.Tensor  # [num_decodes, NB]: 1 where the block belongs to the decode
-    # prefill chunks: their gathered blocks and which of those slots each query may see
-    pre_blocks: torch.Tensor  # [NBp]
-    pre_mask: torch.Tensor  # [Tp, NBp * block_size]: 0 where the query sees the slot, -inf elsewhere
+    # prefill chunks, padded to P x max_q queries over P x (max_blocks * block_size) slots
+    pre_blocks: torch.Tensor  # [P * max_blocks], padded with block 0 (masked out)
+    pre_rows: torch.Tensor  # [Tp]: each prefill query's row in the padded [P * max_q] layout
+    pre_mask: torch.Tensor  # [P, 1, max_q, max_blocks * block_size]: 0 where the query sees the slot, else -inf
 
 
 class TorchAttention:
@@ -92,16 +94,17 @@ class TorchAttention:
         cache_rows = (((slots // bs)[:, None] * self.kv_heads + heads) * bs + (slots % bs)[:, None]).flatten()
 
         pre_tables = blocks_in_use(step, nd, len(step.lens), bs)
-        # Every prefill key slot: (prefill sequence, position); every prefill query: the same.
-        key_seq = torch.tensor([i for i, table in enumerate(pre_tables) for _ in range(len(table) * bs)],
-                               dtype=torch.long)
-        key_pos = torch.tensor([p for table in pre_tables for p in range(len(table) * bs)], dtype=torch.long)
-        q_seq = torch.tensor([i for i, n in enumerate(step.lens[nd:]) for _ in range(n)], dtype=torch.long)
-        q_pos = torch.tensor([p for start, n in zip(step.starts[nd:], step.lens[nd:]) for p in range(start, start + n)],
-                             dtype=torch.long)
-        visible = (q_seq[:, None] == key_seq[None, :]) & (q_pos[:, None] >= key_pos[None, :])
+        pre_lens = step.lens[nd:]
+        max_q, max_nb = max(pre_lens, default=0), max(map(len, pre_tables), default=0)
+        pre_blocks = [b for t in pre_tables for b in t + [0] * (max_nb - len(t))]
+        pre_rows = [i * max_q + j for i, n in enumerate(pre_lens) for j in range(n)]
+        q_pos = torch.tensor(step.starts[nd:], dtype=torch.long)[:, None] + torch.arange(max_q)  # [P, max_q]
+        key_pos = torch.arange(max_nb * bs)
+        visible = key_pos[None, None, :] <= q_pos[:, :, None]  # causal; keys past a chunk's context follow
+        # A padding row sees slot 0 only, so its softmax stays finite; its output is dropped.
+        visible[torch.arange(max_q)[None, :] >= torch.tensor(pre_lens, dtype=torch.long)[:, None]] = key_pos == 0
         # Additive and in the model's dtype, so SDPA does not convert a bool mask again in every layer.
-        pre_mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        pre_mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))[:, None]
 
         def put(x):
             return torch.as_tensor(x, dtype=torch.long).to(dev, non_blocking=True)
@@ -110,7 +113,7 @@ class TorchAttention:
                              num_decodes=nd, dec_blocks=put([b for t in dec_tables for b in t]),
                              dec_block_row=put(dec_rows), dec_block_bias=bias.to(dev, self.dtype),
                              dec_select=select.to(dev, self.dtype),
-                             pre_blocks=put([b for t in pre_tables for b in t]), pre_mask=pre_mask.to(dev))
+                             pre_blocks=put(pre_blocks), pre_rows=put(pre_rows), pre_mask=pre_mask.to(dev))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: TorchMetadata, scale: float) -> torch.Tensor:
@@ -155,10 +158,17 @@ def decode_attention(q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> 
 
 
 def prefill_attention(q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> torch.Tensor:
-    """All prefill chunks in one SDPA call over their gathered blocks."""
-    kv_heads = k_cache.shape[1]
-    k = k_cache.index_select(0, meta.pre_blocks).transpose(0, 1).flatten(1, 2)  # [kv_heads, NBp * bs, dim]
-    v = v_cache.index_select(0, meta.pre_blocks).transpose(0, 1).flatten(1, 2)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=meta.pre_mask, scale=scale,
-                                       enable_gqa=q.shape[1] != kv_heads)
-    return o.transpose(0, 1)
+    """All prefill chunks in one batched SDPA call, padded to the longest chunk and context."""
+    p, _, max_q, width = meta.pre_mask.shape
+    _, kv_heads, bs, dim = k_cache.shape
+    heads = q.shape[1]
+    padded_q = q.new_zeros(p * max_q, heads, dim).index_copy_(0, meta.pre_rows, q)
+
+    def gather(cache):  # [P, kv_heads, max_blocks * bs, dim]
+        blocks = cache.index_select(0, meta.pre_blocks).view(p, -1, kv_heads, bs, dim)
+        return blocks.transpose(1, 2).reshape(p, kv_heads, width, dim)
+
+    o = F.scaled_dot_product_attention(padded_q.view(p, max_q, heads, dim).transpose(1, 2), gather(k_cache),
+                                       gather(v_cache), attn_mask=meta.pre_mask, scale=scale,
+                                       enable_gqa=heads != kv_heads)
+    return o.transpose(1, 2).reshape(p * max_q, heads, dim).index_select(0, meta.pre_rows)
