@@ -129,11 +129,15 @@ def hf_generate_batch(model, prompts, max_tokens, pad_id):
     return [list(r.generated_tokens) for r in by_order]
 
 
+BLOCK_SIZE = 16  # the engine's default; bench --block-size changes it for every engine the run builds
+
+
 def our_engine(checkpoint: Path, max_seqs: int, kv_blocks: int = 0):
     from .engine.config import EngineConfig
     from .engine.llm_engine import LLMEngine
 
-    return LLMEngine(str(checkpoint), EngineConfig(max_num_seqs=max(max_seqs, 1), num_kv_blocks=kv_blocks))
+    return LLMEngine(str(checkpoint), EngineConfig(max_num_seqs=max(max_seqs, 1), num_kv_blocks=kv_blocks,
+                                                   block_size=BLOCK_SIZE))
 
 
 def engine_generate(engine, prompts, max_tokens):
@@ -332,7 +336,7 @@ def bench_roofline(preset: str, w: Workload, batches: list[int], steps: int, kv_
         fit = kv_usage(budget, many, w.max_tokens)
         max_len = budget.scheduler.config.max_model_len
     contiguous = kv_budget_tokens // max_len
-    return {"preset": preset, "workload": asdict(w), "efficiency": eff, "kv_waste_at_peak": waste,
+    return {"preset": preset, "workload": asdict(w), "block_size": bs, "efficiency": eff, "kv_waste_at_peak": waste,
             "kv_budget": {"tokens": kv_budget_tokens, "max_model_len": max_len, "paged_max_running": fit["max_running"],
                           "contiguous_fit": contiguous,
                           "ratio": fit["max_running"] / contiguous if contiguous else float("inf"),
@@ -343,7 +347,8 @@ def print_roofline(result: dict) -> None:
     print_efficiency(result["efficiency"])
     k = result["kv_waste_at_peak"]
     print(f"\nKV waste at peak load: {k['allocated_slots'] - k['live_tokens']} of {k['allocated_slots']} allocated "
-          f"slots hold no live token ({k['waste']:.1%}; target <= 4%), {k['running']} sequences running")
+          f"slots hold no live token ({k['waste']:.1%}; target <= 4%), {k['running']} sequences running, "
+          f"block size {result['block_size']}")
     b = result["kv_budget"]
     print(f"KV budget of {b['tokens']} tokens: paged ran {b['paged_max_running']} sequences at once; contiguous "
           f"max-length ({b['max_model_len']} tokens each) preallocation fits {b['contiguous_fit']} "
@@ -351,6 +356,8 @@ def print_roofline(result: dict) -> None:
 
 
 def main(args) -> None:
+    global BLOCK_SIZE
+    BLOCK_SIZE = args.block_size
     if args.threads:
         torch.set_num_threads(args.threads)
     w = Workload(args.requests, args.min_prompt, args.max_prompt, args.max_tokens, args.seed)
