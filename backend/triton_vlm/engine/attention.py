@@ -77,43 +77,49 @@ class TorchAttention:
                            device=self.device)
 
     def prepare(self, step: StepInput) -> TorchMetadata:
-        bs, nd = self.block_size, step.num_decodes
-        dev = self.device
-        dec_tables = blocks_in_use(step, 0, nd, bs)
-        dec_rows = [i for i, table in enumerate(dec_tables) for _ in table]
-        # Position of each decode block's first token, and the decode's context length after this step.
-        dec_first = [j * bs for table in dec_tables for j in range(len(table))]
-        dec_ctx = [step.starts[i] + 1 for i in dec_rows]
-        past_end = (torch.tensor(dec_first)[:, None] + torch.arange(bs)[None, :]) >= torch.tensor(dec_ctx)[:, None]
-        bias = torch.zeros(len(dec_rows), 1, 1, bs).masked_fill_(past_end[:, None, None, :], float("-inf"))
-        select = torch.zeros(nd, len(dec_rows))
-        select[torch.tensor(dec_rows, dtype=torch.long), torch.arange(len(dec_rows))] = 1.0
-        # Cache row of (token, kv head) in [blocks * kv_heads * bs, head_dim]: block, then head, then offset.
-        slots = torch.tensor(step_slots(step, bs), dtype=torch.long)
-        heads = torch.arange(self.kv_heads)
-        cache_rows = (((slots // bs)[:, None] * self.kv_heads + heads) * bs + (slots % bs)[:, None]).flatten()
+        """Every index, mask, slot and position of the step, once; the layers only read them."""
+        slots = torch.tensor(step_slots(step, self.block_size), dtype=torch.long)
+        put = lambda x: torch.as_tensor(x).to(self.device, non_blocking=True)  # noqa: E731
+        return TorchMetadata(put(torch.tensor(step_positions(step), dtype=torch.long)), put(slots),
+                             put(self._cache_rows(slots)), step.num_decodes,
+                             *map(put, self._decode_part(step)), *map(put, self._prefill_part(step)))
 
-        pre_tables = blocks_in_use(step, nd, len(step.lens), bs)
-        pre_lens = step.lens[nd:]
-        max_q, max_nb = max(pre_lens, default=0), max(map(len, pre_tables), default=0)
-        pre_blocks = [b for t in pre_tables for b in t + [0] * (max_nb - len(t))]
-        pre_rows = [i * max_q + j for i, n in enumerate(pre_lens) for j in range(n)]
+    def _cache_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row of each (token, kv head) in a cache viewed as [blocks * kv_heads * bs, head_dim]."""
+        bs = self.block_size
+        heads = torch.arange(self.kv_heads)
+        return (((slots // bs)[:, None] * self.kv_heads + heads) * bs + (slots % bs)[:, None]).flatten()
+
+    def _decode_part(self, step: StepInput) -> tuple[torch.Tensor, ...]:
+        bs, nd = self.block_size, step.num_decodes
+        tables = blocks_in_use(step, 0, nd, bs)
+        rows = [i for i, table in enumerate(tables) for _ in table]
+        # Position of each block's first token, and its decode's context length after this step.
+        first = torch.tensor([j * bs for table in tables for j in range(len(table))], dtype=torch.long)
+        ctx = torch.tensor([step.starts[i] + 1 for i in rows], dtype=torch.long)
+        past_end = (first[:, None] + torch.arange(bs)[None, :]) >= ctx[:, None]
+        bias = torch.zeros(len(rows), 1, 1, bs, dtype=self.dtype).masked_fill_(past_end[:, None, None, :],
+                                                                                float("-inf"))
+        select = torch.zeros(nd, len(rows), dtype=self.dtype)
+        select[torch.tensor(rows, dtype=torch.long), torch.arange(len(rows))] = 1.0
+        blocks = torch.tensor([b for t in tables for b in t], dtype=torch.long)
+        return blocks, torch.tensor(rows, dtype=torch.long), bias, select
+
+    def _prefill_part(self, step: StepInput) -> tuple[torch.Tensor, ...]:
+        bs, nd = self.block_size, step.num_decodes
+        tables = blocks_in_use(step, nd, len(step.lens), bs)
+        lens = step.lens[nd:]
+        max_q, max_nb = max(lens, default=0), max(map(len, tables), default=0)
+        blocks = [b for t in tables for b in t + [0] * (max_nb - len(t))]
+        rows = [i * max_q + j for i, n in enumerate(lens) for j in range(n)]
         q_pos = torch.tensor(step.starts[nd:], dtype=torch.long)[:, None] + torch.arange(max_q)  # [P, max_q]
         key_pos = torch.arange(max_nb * bs)
         visible = key_pos[None, None, :] <= q_pos[:, :, None]  # causal; keys past a chunk's context follow
         # A padding row sees slot 0 only, so its softmax stays finite; its output is dropped.
-        visible[torch.arange(max_q)[None, :] >= torch.tensor(pre_lens, dtype=torch.long)[:, None]] = key_pos == 0
+        visible[torch.arange(max_q)[None, :] >= torch.tensor(lens, dtype=torch.long)[:, None]] = key_pos == 0
         # Additive and in the model's dtype, so SDPA does not convert a bool mask again in every layer.
-        pre_mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))[:, None]
-
-        def put(x):
-            return torch.as_tensor(x, dtype=torch.long).to(dev, non_blocking=True)
-
-        return TorchMetadata(positions=put(step_positions(step)), slot_mapping=slots.to(dev), cache_rows=put(cache_rows),
-                             num_decodes=nd, dec_blocks=put([b for t in dec_tables for b in t]),
-                             dec_block_row=put(dec_rows), dec_block_bias=bias.to(dev, self.dtype),
-                             dec_select=select.to(dev, self.dtype),
-                             pre_blocks=put(pre_blocks), pre_rows=put(pre_rows), pre_mask=pre_mask.to(dev))
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))[:, None]
+        return torch.tensor(blocks, dtype=torch.long), torch.tensor(rows, dtype=torch.long), mask
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: TorchMetadata, scale: float) -> torch.Tensor:
