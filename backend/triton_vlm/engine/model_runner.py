@@ -69,16 +69,20 @@ class ModelRunner:
         return max(1, int(budget // self._block_bytes()))
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:
+    def run(self, batch: Batch, all_rows_of: frozenset = frozenset()) -> torch.Tensor:
         """Compute the batch's new tokens; return logits [S, vocab] for the S sequences that reached their end,
-        in batch order."""
+        in batch order.
+
+        For the batch positions in `all_rows_of`, the logits of every row they computed follow
+        (prompt logprobs), in batch order.
+        """
         # Decodes first: the attention backends take them as one batch, then the prefill chunks.
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
         lens = [batch.num_new_tokens[i] for i in order]
         step = StepInput([s.num_computed for s in seqs], lens, [s.block_table for s in seqs],
                          num_decodes=sum(n == 1 for n in lens))
-        ids, image_at, image_rows, last_row = [], [], [], {}
+        ids, image_at, image_rows, last_row, all_rows = [], [], [], {}, {}
         offset = 0
         for i, seq, n in zip(order, seqs, lens):
             start, end = seq.num_computed, seq.num_computed + n
@@ -88,6 +92,8 @@ class ModelRunner:
                 if at:
                     image_at.extend(offset + p - start for p in at)
                     image_rows.append(seq.image_embeds[rows.start:rows.stop])
+            if i in all_rows_of:
+                all_rows[i] = range(offset, offset + n)
             offset += n
             if end == seq.num_tokens:
                 last_row[i] = offset - 1
@@ -96,7 +102,7 @@ class ModelRunner:
         if image_at:
             embeds[torch.tensor(image_at, device=dev)] = torch.cat(image_rows).to(dev, self.dtype)
         hidden = self.forward(embeds, step)
-        rows = [last_row[i] for i in sorted(last_row)]
+        rows = [last_row[i] for i in sorted(last_row)] + [r for i in sorted(all_rows) for r in all_rows[i]]
         return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
 
     def forward(self, embeds: torch.Tensor, step: StepInput) -> torch.Tensor:
