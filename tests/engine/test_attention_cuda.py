@@ -45,13 +45,15 @@ def test_flashinfer_matches_torch_attention_on_a_mixed_batch():
     torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-def test_cuda_graph_decode_equals_eager_and_hf(tiny_checkpoint):
+def test_cuda_graph_decode_equals_eager_and_hf(tmp_path):
     from transformers import AutoModelForImageTextToText
 
+    from triton_vlm.checkpoint import make_tiny
     from triton_vlm.engine.config import EngineConfig
     from triton_vlm.engine.llm_engine import LLMEngine
     from triton_vlm.engine.sampling_params import SamplingParams
 
+    tiny_checkpoint = make_tiny(tmp_path / "hd64", hidden=128, heads=2, kv_heads=1, intermediate=256)  # head_dim 64
     prompts = [[1, 20 + i, 21, 22, 23 + i] * (1 + i) for i in range(5)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outs = {}

@@ -15,9 +15,12 @@ import torch
 from .attention import StepInput, blocks_in_use, step_positions, step_slots
 
 WORKSPACE_BYTES = 128 << 20
+HEAD_DIMS = (64, 128, 256)  # what FlashInfer's prebuilt kernels cover; others take the torch path
 
 
-def flashinfer_available() -> bool:
+def flashinfer_available(head_dim: int = 128) -> bool:
+    if head_dim not in HEAD_DIMS:
+        return False
     try:
         import flashinfer  # noqa: F401
     except ImportError:

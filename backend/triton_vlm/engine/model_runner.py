@@ -24,12 +24,12 @@ def pick_device_dtype(device: str, dtype: str, checkpoint_dtype: str) -> tuple[t
 
 
 def make_attention(device: torch.device, block_size: int, geometry: ModelGeometry, dtype: torch.dtype):
-    """FlashInfer on CUDA when installed; the plain-torch implementation everywhere else."""
+    """FlashInfer on CUDA in fp16/bf16 when installed; the plain-torch implementation everywhere else."""
     if device.type == "cuda":
         from .attention_cuda import FlashInferAttention, flashinfer_available
 
-        if flashinfer_available():
-            g = geometry.text
+        g = geometry.text
+        if dtype in (torch.float16, torch.bfloat16) and flashinfer_available(g.head_dim):
             return FlashInferAttention(block_size, device, g.num_heads, g.num_kv_heads, g.head_dim, dtype)
     return TorchAttention(block_size, device)
 
