@@ -1,4 +1,4 @@
-"""The `triton-vlm` command: make-tiny, build, serve, openai, install-stub."""
+"""The `triton-vlm` command: make-tiny, build, serve, openai, install-stub, bench."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +117,18 @@ def admin_header(text: str) -> tuple[str, str]:
     return key, value
 
 
+def cmd_bench(args) -> None:
+    import os
+
+    # Set before torch starts OpenMP: idle threads sleep instead of spinning against the busy ones.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from . import bench
+
+    if args.preset not in bench.PRESETS:
+        raise SystemExit(f"--preset: unknown {args.preset!r}; choose from {', '.join(bench.PRESETS)}")
+    bench.main(args)
+
+
 def cmd_install_stub(args) -> None:
     from .server import install_stub
 
@@ -173,6 +185,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8080)
     add_openai_flags(p)
     p.set_defaults(func=cmd_openai)
+
+    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline")
+    p.add_argument("what", choices=["engine", "roofline"],
+                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity")
+    p.add_argument("--preset", default="58m", help="decoder geometry of the random checkpoint: 58m, 134m, tiny")
+    p.add_argument("--checkpoint", type=Path, help="use this LLaVA checkpoint instead of writing one")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--min-prompt", type=int, default=20)
+    p.add_argument("--max-prompt", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per request (EOS ignored)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="decode batch sizes for efficiency")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (median)")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size of the engine under test")
+    p.add_argument("--kv-budget-tokens", type=int, default=8192, help="roofline: the fixed KV budget")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
+                        "OpenMP barriers waiting on a descheduled thread")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("install-stub", help="put the Python-backend stub where tritonserver finds it")
     p.set_defaults(func=cmd_install_stub)

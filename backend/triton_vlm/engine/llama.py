@@ -1,7 +1,8 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2) that reads and writes a paged KV cache.
 
 Tokens of every sequence in a step are flattened into one [T, hidden] batch; only attention
-needs to know where one sequence ends and the next begins (see attention.py).
+needs to know where one sequence ends and the next begins: the attention backend (attention.py on
+CPU, attention_cuda.py on CUDA) and the metadata it prepared for the step.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import TextGeometry
-from .attention import AttentionMetadata, paged_attention, write_kv
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -35,18 +35,20 @@ class Rotary(nn.Module):
         # A plain attribute, not a buffer: model.to(fp16) must not round the frequencies.
         self.inv_freq = inv_freq / g.rope_scaling_factor
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim], once per step; sin carries rotate-half's sign (see apply_rotary)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        half = freqs.shape[-1]
+        sin = emb.sin()
+        sin[:, :half].neg_()
+        return emb.cos()[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; rotate-half convention, as in HF Llama."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotate-half convention, as in HF Llama (x * cos + rotate_half(x) * sin)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -61,13 +63,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size,
                                 bias=g.attention_bias and g.model_type != "qwen2")
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+    def fuse(self) -> None:
+        """One matmul for q, k and v (after the weights are loaded): fewer, larger GEMVs per step."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, k_cache, v_cache, backend, meta):
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        qkv = self.qkv_proj(x).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
+        # q and k rotate together: one rotary pass over heads + kv_heads rows.
+        qk = apply_rotary(qkv[:, :self.heads + self.kv_heads], cos, sin)
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
+        v = qkv[:, self.heads + self.kv_heads:]
+        o = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -79,8 +87,25 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=g.mlp_bias)
         self.act = ACTIVATIONS[g.hidden_act]
 
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate).mul_(up))
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    first = linears[0]
+    bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=bias,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -91,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+    def forward(self, x, cos, sin, k_cache, v_cache, backend, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, backend, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -110,13 +135,22 @@ class LlamaForCausalLM(nn.Module):
         if g.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """embeds [T, hidden]; kv_cache [2, layers, blocks, block_size, kv_heads, head_dim] -> hidden [T, hidden]."""
-        cos, sin = self.rotary(positions)
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up projections; forward needs it: call once, after the weights are loaded."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, backend,
+                meta) -> torch.Tensor:
+        """embeds [T, hidden]; kv_cache [2, layers, ...] in the backend's layout -> hidden [T, hidden].
+
+        backend: an attention backend (attention.py, attention_cuda.py); meta: what it prepared for this step.
+        """
+        cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[0, i], kv_cache[1, i], meta)
+            x = layer(x, cos, sin, kv_cache[0, i], kv_cache[1, i], backend, meta)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import ModelGeometry
-from .attention import AttentionMetadata
+from .attention import StepInput, TorchAttention
 from .config import EngineConfig
 from .llama import LlamaForCausalLM
 from .scheduler import Batch
@@ -23,6 +23,17 @@ def pick_device_dtype(device: str, dtype: str, checkpoint_dtype: str) -> tuple[t
     return dev, {"bfloat16": torch.bfloat16}.get(checkpoint_dtype, torch.float16)
 
 
+def make_attention(device: torch.device, block_size: int, geometry: ModelGeometry, dtype: torch.dtype):
+    """FlashInfer on CUDA in fp16/bf16 when installed; the plain-torch implementation everywhere else."""
+    if device.type == "cuda":
+        from .attention_cuda import FlashInferAttention, flashinfer_available
+
+        g = geometry.text
+        if dtype in (torch.float16, torch.bfloat16) and flashinfer_available(g.head_dim):
+            return FlashInferAttention(block_size, device, g.num_heads, g.num_kv_heads, g.head_dim, dtype)
+    return TorchAttention(block_size, device)
+
+
 class ModelRunner:
     def __init__(self, checkpoint: str, geometry: ModelGeometry, config: EngineConfig):
         self.geometry = geometry
@@ -31,11 +42,19 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaForCausalLM(geometry.text).to(self.dtype)
         load_decoder_weights(self.model, checkpoint)
+        self.model.fuse()
         self.model.eval()
         g = geometry.text
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)
-        self.kv_cache = torch.zeros(2, g.num_layers, self.num_blocks, self.block_size, g.num_kv_heads, g.head_dim,
-                                    dtype=self.dtype, device=self.device)
+        self.max_model_len = min(config.max_model_len or geometry.max_model_len, geometry.max_model_len)
+        self.attention = make_attention(self.device, self.block_size, geometry, self.dtype)
+        self.kv_cache = self.attention.kv_cache(g.num_layers, self.num_blocks, g.num_kv_heads, g.head_dim, self.dtype)
+        self.graphs = None
+        if config.cuda_graphs and getattr(self.attention, "supports_graphs", False):
+            from .cuda_graphs import DecodeGraphs
+
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self, max_batch=config.max_num_seqs)
 
     def _block_bytes(self) -> int:
         g = self.geometry.text
@@ -51,51 +70,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch, all_rows_of: frozenset = frozenset()) -> torch.Tensor:
-        """Compute the batch's new tokens; return logits [S, vocab] for the S sequences that reached their end.
+        """Compute the batch's new tokens; return logits [S, vocab] for the S sequences that reached their end,
+        in batch order.
 
         For the batch positions in `all_rows_of`, the logits of every row they computed follow
         (prompt logprobs), in batch order.
         """
-        ids, positions, slots, logit_rows, extra_rows = [], [], [], [], []
-        image_at, image_rows = [], []
-        bs = self.block_size
+        # Decodes first: the attention backends take them as one batch, then the prefill chunks.
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        lens = [batch.num_new_tokens[i] for i in order]
+        step = StepInput([s.num_computed for s in seqs], lens, [s.block_table for s in seqs],
+                         num_decodes=sum(n == 1 for n in lens))
+        ids, image_at, image_rows, last_row, all_rows = [], [], [], {}, {}
         offset = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        for i, seq, n in zip(order, seqs, lens):
             start, end = seq.num_computed, seq.num_computed + n
-            if i in all_rows_of:
-                extra_rows.extend(range(offset, offset + n))
             ids.extend(seq.token_ids[start:end])
-            pos = torch.arange(start, end)
-            table = torch.tensor(seq.block_table)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            at, rows = seq.image_rows_in(start, min(end, seq.prompt_len))
-            if at:
-                image_at.extend(offset + p - start for p in at)
-                image_rows.append(seq.image_embeds[rows.start:rows.stop])
+            if start < seq.prompt_len and seq.image_positions:
+                at, rows = seq.image_rows_in(start, min(end, seq.prompt_len))
+                if at:
+                    image_at.extend(offset + p - start for p in at)
+                    image_rows.append(seq.image_embeds[rows.start:rows.stop])
+            if i in all_rows_of:
+                all_rows[i] = range(offset, offset + n)
             offset += n
             if end == seq.num_tokens:
-                logit_rows.append(offset - 1)
+                last_row[i] = offset - 1
         dev = self.device
         embeds = self.model.embed_tokens(torch.tensor(ids, device=dev))
         if image_at:
             embeds[torch.tensor(image_at, device=dev)] = torch.cat(image_rows).to(dev, self.dtype)
-        meta = self._metadata(batch, torch.cat(slots).to(dev))
-        hidden = self.model(embeds, torch.cat(positions).to(dev), self.kv_cache, meta)
-        return self.model.logits(hidden[torch.tensor(logit_rows + extra_rows, device=dev, dtype=torch.long)])
+        hidden = self.forward(embeds, step)
+        rows = [last_row[i] for i in sorted(last_row)] + [r for i in sorted(all_rows) for r in all_rows[i]]
+        return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
 
-    def _metadata(self, batch: Batch, slot_mapping: torch.Tensor) -> AttentionMetadata:
-        starts, ctx_lens = [], []
-        offset = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            starts.append(offset)
-            ctx_lens.append(seq.num_computed + n)
-            offset += n
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.zeros(len(batch.seqs), width, dtype=torch.long)
-        for i, seq in enumerate(batch.seqs):
-            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table)
-        return AttentionMetadata(slot_mapping=slot_mapping, query_starts=starts, query_lens=list(batch.num_new_tokens),
-                                 context_lens=ctx_lens, context_lens_tensor=torch.tensor(ctx_lens, device=self.device),
-                                 block_tables=tables.to(self.device),
-                                 all_decode=all(n == 1 for n in batch.num_new_tokens))
+    def forward(self, embeds: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """Hidden states [T, hidden] for the step's flat batch; all its metadata is built here, once."""
+        graph = self.graphs.get(step) if self.graphs else None
+        if graph is not None:
+            return graph.replay(embeds, step)
+        meta = self.attention.prepare(step)
+        return self.model(embeds, meta.positions, self.kv_cache, self.attention, meta)

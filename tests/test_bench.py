@@ -1,0 +1,41 @@
+"""`triton-vlm bench` in a small run, so the benchmark keeps working (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+from triton_vlm.cli import main
+
+SMALL = ["--requests", "3", "--min-prompt", "5", "--max-prompt", "30", "--max-tokens", "4", "--batches", "1", "2",
+         "--steps", "2"]
+
+
+def test_bench_engine_runs_every_system_on_the_same_ids(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    main(["bench", "engine", "--preset", "tiny", *SMALL, "--json", str(out)])
+    result = json.loads(out.read_text())
+    names = [s["system"] for s in result["systems"]]
+    assert names[0] == "HF generate, one at a time" and names[-1] == "LLMEngine.generate"
+    assert "HF generate, static batch of 3" in names
+    for s in result["systems"]:
+        assert s["error"] is None, s
+        assert s["tokens"] == 3 * 4 and s["outputs_equal_to_hf"] == 3
+    assert result["all_equal"]
+    assert [r["batch"] for r in result["efficiency"]["steps"]] == [1, 2]
+    assert all(r["step_ms"] > 0 and r["efficiency"] > 0 for r in result["efficiency"]["steps"])
+    printed = capsys.readouterr().out
+    assert "LLMEngine.generate" in printed and "greedy outputs: all equal" in printed
+
+
+def test_bench_roofline_reports_kv_waste_and_capacity(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "roofline.json"
+    main(["bench", "roofline", "--checkpoint", str(tiny_checkpoint), *SMALL, "--kv-budget-tokens", "4096",
+          "--json", str(out)])
+    result = json.loads(out.read_text())
+    waste = result["kv_waste_at_peak"]
+    assert 0 < waste["live_tokens"] <= waste["allocated_slots"]
+    assert 0 <= waste["waste"] < 1
+    budget = result["kv_budget"]
+    assert budget["contiguous_fit"] == 4096 // budget["max_model_len"]
+    # 12 short requests all fit the paged budget at once; max-length slabs hold only two.
+    assert budget["paged_max_running"] == 12 and budget["preemptions"] == 0
+    assert "KV waste at peak load" in capsys.readouterr().out
