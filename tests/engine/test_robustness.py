@@ -143,6 +143,26 @@ def test_one_raising_sampler_row_fails_only_its_request(make_engine, solo, monke
     assert_clean(engine)
 
 
+def test_failing_to_start_n_completions_fails_only_that_request(make_engine, solo, monkeypatch):
+    engine = make_engine()
+    real = engine._prepare
+
+    def broken_for_children(seq):
+        if seq.index > 0:
+            raise RuntimeError("no detokenizer")
+        return real(seq)
+
+    monkeypatch.setattr(engine, "_prepare", broken_for_children)
+    goods = {name: submit(engine, name) for name in ("a", "c")}
+    bad = queue.Queue()
+    engine.add(engine.make_sequence("bad", PROMPTS["b"], SamplingParams(n=3, max_tokens=8, temperature=0)), bad.put)
+    engine.start()
+    assert_error(collect(bad), "starting its n completions failed: RuntimeError: no detokenizer")
+    for name, got in goods.items():
+        assert tokens(collect(got)) == solo[name]
+    assert_clean(engine)  # no block was shared with children that never ran
+
+
 def test_failed_model_step_fails_its_requests_and_the_loop_goes_on(make_engine, solo, monkeypatch):
     engine = make_engine()
     real, calls = engine.runner.run, []

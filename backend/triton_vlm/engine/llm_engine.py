@@ -299,7 +299,10 @@ class LLMEngine:
             if seq.num_computed == seq.num_tokens:
                 done.append(seq)
                 if not seq.forked:
-                    self._fork(seq)
+                    try:
+                        self._fork(seq)
+                    except Exception as e:  # noqa: BLE001  (this request only)
+                        self._fail(seq, _describe("starting its n completions failed", e))
         try:
             result = sample(logits, done, self.eos_ids)
         except Exception as e:  # the sampler broke as a whole: no row can be trusted
@@ -363,17 +366,20 @@ class LLMEngine:
             return
         full = min(seq.prompt_len - 1, seq.num_computed) // self.scheduler.config.block_size
         shared = seq.block_table[:full]
-        for index in range(1, seq.params.n):
+        children = []
+        for index in range(1, seq.params.n):  # what may raise comes first, before any block is shared
             child = Sequence(seq.request_id, seq.token_ids[:seq.prompt_len], seq.params, image_embeds=seq.image_embeds,
                              image_positions=seq.image_positions, prompt_len=seq.prompt_len, index=index, forked=True)
             child.bad_word_ids = seq.bad_word_ids
             child.matcher = None if seq.matcher is None else seq.matcher.deep_copy()
             self._prepare(child)
+            children.append(child)
+        for child in children:
             self.pool.share(shared)
             child.block_table = list(shared)
             child.num_computed = full * self.scheduler.config.block_size
             live.seqs.append(child)
-        for child in reversed(live.seqs[1:]):
+        for child in reversed(children):
             self.scheduler.add(child, first=True)
 
     def _append(self, seq: Sequence, token: int, logprob: float = 0.0, rank: int | None = None,
