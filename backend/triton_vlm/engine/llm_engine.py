@@ -553,10 +553,13 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001
                 self._fail(live.seq, _describe("cancellation check failed", e))
                 continue
-            if cancelled:
-                self._finish_request(live.seq, "abort")
-            elif now - max(s.emitted_at for s in live.seqs) >= KEEPALIVE_S:
-                self._emit(next((s for s in live.seqs if s.status is not Status.FINISHED), live.seq))
+            try:
+                if cancelled:
+                    self._finish_request(live.seq, "abort")
+                elif now - max(s.emitted_at for s in live.seqs) >= KEEPALIVE_S:
+                    self._emit(next((s for s in live.seqs if s.status is not Status.FINISHED), live.seq))
+            except Exception as e:  # noqa: BLE001  (this request only)
+                self._fail(live.seq, _describe("abort or keep-alive failed", e))
 
     def _close(self, reason: str, died: bool) -> None:
         """The loop is over: refuse new requests, answer every accepted one, report a death."""
