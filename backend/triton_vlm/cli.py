@@ -126,7 +126,12 @@ def cmd_bench(args) -> None:
 
     if args.preset not in bench.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; choose from {', '.join(bench.PRESETS)}")
-    bench.main(args)
+    if args.what == "serve":
+        from . import bench_serve
+
+        bench_serve.main(args)
+    else:
+        bench.main(args)
 
 
 def cmd_install_stub(args) -> None:
@@ -186,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     add_openai_flags(p)
     p.set_defaults(func=cmd_openai)
 
-    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline")
-    p.add_argument("what", choices=["engine", "roofline"],
-                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity")
+    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline; "
+                                     "the served path vs the in-process engine")
+    p.add_argument("what", choices=["engine", "roofline", "serve"],
+                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity; "
+                        "serve: tritonserver over gRPC streaming with images vs LLMEngine in process, same requests")
     p.add_argument("--preset", default="58m", help="decoder geometry of the random checkpoint: 58m, 134m, tiny")
     p.add_argument("--checkpoint", type=Path, help="use this LLaVA checkpoint instead of writing one")
     p.add_argument("--requests", type=int, default=16)
@@ -203,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
                         "OpenMP barriers waiting on a descheduled thread")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32], help="serve: client concurrency levels")
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="serve: requests per level, at least (and at least 2 x the concurrency)")
+    p.add_argument("--llm-param", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
+                   metavar="KEY=VALUE", help="serve: engine setting for both sides, e.g. max_num_seqs=32")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=cmd_bench)
 
