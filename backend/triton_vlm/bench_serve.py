@@ -7,9 +7,12 @@ Both sides get the same requests (a prompt and an image each) and the same torch
   the input ids and image embeddings the served path computes (the repository's ONNX vision encoder).
 
 Every request generates exactly --max-tokens greedy tokens (EOS ignored), so both sides do the same work.
+A preset's vocabulary (32000) is larger than its stand-in tokenizer's (512): generation is then limited to the
+tokenizer's ordinary tokens (`allowed_token_ids`, both sides), so that every token has text to stream.
 TTFT is from sending (adding) a request to its first token; inter-token latency is per request,
 (last token - first token) / (tokens - 1), as genai-perf computes it; both as p50/p99 over requests.
-Timings on a shared machine are noisy: the two sides alternate per concurrency level, compare within one run.
+Timings on a shared machine are noisy: the two sides alternate per concurrency level, --repeats times, and
+each side's fastest run counts; compare within one run.
 """
 from __future__ import annotations
 
@@ -243,8 +246,21 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
+def text_tokens_only(checkpoint: Path) -> dict:
+    """allowed_token_ids when the model's vocabulary has ids its tokenizer cannot turn into text."""
+    from transformers import AutoTokenizer
+
+    from .geometry import ModelGeometry
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if ModelGeometry.from_checkpoint(checkpoint).text.vocab_size <= len(tokenizer):
+        return {}
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return {"allowed_token_ids": [t for t in range(len(tokenizer)) if t not in special]}
+
+
 def bench_serve(preset: str, w: ServeWorkload, concurrencies: list[int], threads: int,
-                checkpoint: Path | None = None, llm_params: dict[str, str] | None = None) -> dict:
+                checkpoint: Path | None = None, llm_params: dict[str, str] | None = None, repeats: int = 1) -> dict:
     import torch
 
     from .bench import write_checkpoint
@@ -254,14 +270,14 @@ def bench_serve(preset: str, w: ServeWorkload, concurrencies: list[int], threads
     from .repository import BuildOptions, build_repository
     from .server import TritonServer
 
-    sampling = {"max_tokens": w.max_tokens, "temperature": 0, "ignore_eos": True}
-    params = SamplingParams(**sampling)
     torch.set_num_threads(threads)
     llm = {"torch_threads": str(threads), **(llm_params or {})}
     cases = make_cases(w, max(w.requests(c) for c in concurrencies))
     levels = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint or write_checkpoint(preset, Path(tmp) / preset)
+        sampling = {"max_tokens": w.max_tokens, "temperature": 0, "ignore_eos": True, **text_tokens_only(ckpt)}
+        params = SamplingParams(**sampling)
         repo = build_repository(ckpt, Path(tmp) / "repo", BuildOptions(llm=llm))
         requests = engine_requests(ckpt, repo / "vision_encoder" / "1" / "model.onnx", cases)
         engine = LLMEngine(str(ckpt), EngineConfig(**{k: type(getattr(EngineConfig(), k))(v)
@@ -274,13 +290,14 @@ def bench_serve(preset: str, w: ServeWorkload, concurrencies: list[int], threads
                 for c in concurrencies:
                     n = w.requests(c)
                     print(f"  concurrency {c}: {n} requests", file=sys.stderr, flush=True)
-                    served = run_served(server.grpc_url, cases[:n], sampling, c)
-                    local = run_in_process(engine, requests[:n], params, c)
+                    runs = [(run_served(server.grpc_url, cases[:n], sampling, c),
+                             run_in_process(engine, requests[:n], params, c)) for _ in range(repeats)]
+                    served, local = (min((r[side] for r in runs), key=lambda lv: lv.seconds) for side in (0, 1))
                     levels.append(_compare(c, served, local))
         finally:
             engine.stop()
     return {"preset": None if checkpoint else preset, "checkpoint": str(checkpoint) if checkpoint else None,
-            "workload": asdict(w), "threads": threads, "llm_params": llm, "cpus": os.cpu_count(),
+            "workload": asdict(w), "repeats": repeats, "threads": threads, "llm_params": llm, "cpus": os.cpu_count(),
             "load_average": os.getloadavg()[0], "levels": levels}
 
 
@@ -295,7 +312,7 @@ def print_serve(result: dict) -> None:
     w = result["workload"]
     source = result["checkpoint"] or f"preset {result['preset']}"
     print(f"{source}; prompts of {w['min_prompt']}-{w['max_prompt']} words + 1 image, {w['max_tokens']} greedy "
-          f"tokens each; {result['threads']} torch thread(s), {result['cpus']} CPUs, load average "
+          f"tokens each; best of {result['repeats']}; {result['threads']} torch thread(s), {result['cpus']} CPUs, load average "
           f"{result['load_average']:.1f} at the end")
     print(f"{'conc':>4} {'reqs':>5} {'system':<11} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} "
           f"{'p99':>8}  {'served/in-process':>17} {'equal':>6}")
@@ -316,7 +333,7 @@ def _ms(value: float | None) -> str:
 def main(args) -> None:
     w = ServeWorkload(args.min_requests, args.min_prompt, args.max_prompt, args.max_tokens, args.seed)
     llm = dict(args.llm_param or [])
-    result = bench_serve(args.preset, w, args.concurrency, args.threads or 1, args.checkpoint, llm)
+    result = bench_serve(args.preset, w, args.concurrency, args.threads or 1, args.checkpoint, llm, args.repeats)
     print_serve(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
                         "OpenMP barriers waiting on a descheduled thread")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32], help="serve: client concurrency levels")
+    p.add_argument("--repeats", type=int, default=2, help="serve: runs of each side per level (the fastest counts)")
     p.add_argument("--min-requests", type=int, default=8,
                    help="serve: requests per level, at least (and at least 2 x the concurrency)")
     p.add_argument("--llm-param", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),

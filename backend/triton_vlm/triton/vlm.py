@@ -31,6 +31,7 @@ from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
 from ..messages import Media, parse_messages
 from ..preprocess import Preprocessor, as_image
+from .metrics import VLMMetrics
 from .params import (SCALAR_INPUTS, error_response, flag, model_parameters, optional_input, request_sampling_params,
                      scalar, text)
 
@@ -319,6 +320,7 @@ class TritonPythonModel:
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self._stopping = False
+        self.metrics = VLMMetrics(PB_LOCK, {"model": args["model_name"], "version": args["model_version"]})
         threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True).start()
 
     def execute(self, requests):
@@ -342,6 +344,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self._stopping = True  # requests in flight notice at their next llm response (250 ms at most)
+        self.metrics.stop()
 
     def _admit(self) -> bool:
         with self._admit_lock:
@@ -388,11 +391,13 @@ class TritonPythonModel:
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
         images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
         self._check(reply)
+        started = time.monotonic()
         embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
+        self.metrics.record_request(len(images), time.monotonic() - started if images else None)
         self._check(reply)
         request_id = uuid.uuid4().hex
         with PB_LOCK:
-            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds))
+            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds, req.stream))
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
         try:
@@ -531,9 +536,11 @@ class TritonPythonModel:
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
-    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds):
+    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds, stream: bool):
+        # Not streamed: llm merges its outputs (see triton/responder.py), so one response may be all.
         inputs = [pb_utils.Tensor("input_ids", input_ids),
-                  pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
+                  pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object)),
+                  pb_utils.Tensor("stream", np.array([stream]))]
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
