@@ -59,6 +59,7 @@ class Timing(NamedTuple):
     itl: float | None  # None for a single token
     tokens: int
     text: str
+    responses: int  # that carried tokens: several tokens each when the server merged them
 
 
 class Level(NamedTuple):
@@ -127,7 +128,7 @@ def _timing(sent: float, arrivals: list[tuple[float, int]], text: str) -> Timing
         raise RuntimeError("a request produced no tokens")
     tokens = sum(n for _, n in arrivals)
     first, last = arrivals[0][0], arrivals[-1][0]
-    return Timing(first - sent, (last - first) / (tokens - 1) if tokens > 1 else None, tokens, text)
+    return Timing(first - sent, (last - first) / (tokens - 1) if tokens > 1 else None, tokens, text, len(arrivals))
 
 
 # ---- served -----------------------------------------------------------------------------------------------
@@ -237,6 +238,7 @@ def summarize(level: Level) -> dict:
     tokens = sum(t.tokens for t in level.timings)
     return {"seconds": level.seconds, "requests": len(level.timings), "tokens": tokens,
             "tokens_per_s": tokens / level.seconds,
+            "tokens_per_response": tokens / sum(t.responses for t in level.timings),
             "ttft_p50_ms": _pct(ttft, 50) * 1e3, "ttft_p99_ms": _pct(ttft, 99) * 1e3,
             "itl_p50_ms": _pct(itl, 50) * 1e3 if itl else None, "itl_p99_ms": _pct(itl, 99) * 1e3 if itl else None}
 
@@ -315,15 +317,16 @@ def print_serve(result: dict) -> None:
           f"tokens each; best of {result['repeats']}; {result['threads']} torch thread(s), {result['cpus']} CPUs, load average "
           f"{result['load_average']:.1f} at the end")
     print(f"{'conc':>4} {'reqs':>5} {'system':<11} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} "
-          f"{'p99':>8}  {'served/in-process':>17} {'equal':>6}")
+          f"{'p99':>8} {'tok/resp':>8}  {'served/in-process':>17} {'equal':>6}")
     for lv in result["levels"]:
         for name, key in (("served", "served"), ("in-process", "in_process")):
             r = lv[key]
             tail = f"{lv['ratio']:>16.2f}x {lv['outputs_equal']:>3}/{r['requests']}" if key == "served" else ""
             print(f"{lv['concurrency']:>4} {r['requests']:>5} {name:<11} {r['tokens_per_s']:>8.1f} "
                   f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>6.0f}ms {_ms(r['itl_p50_ms'])} {_ms(r['itl_p99_ms'])}"
-                  f"  {tail}")
-    print("(TTFT: send to first token; ITL: per request, (last - first token) / (tokens - 1))")
+                  f" {r['tokens_per_response']:>8.2f}  {tail}")
+    print("(TTFT: send to first token; ITL: per request, (last - first token) / (tokens - 1); tok/resp: tokens per "
+          "response (served) or engine output (in process) that carried any)")
 
 
 def _ms(value: float | None) -> str:

@@ -23,7 +23,7 @@ def cmd_build(args) -> None:
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
     limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
-                           limits=limits, llm=llm)
+                           limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads)
     print(build_repository(args.model, args.output, options))
 
 
@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096")
+                   help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096; "
+                        "torch_threads=N: the llm stub's share of the cores (default: half of them)")
+    p.add_argument("--vision-threads", type=int, default=0,
+                   help="onnxruntime threads of the vision_encoder stub (default 0: onnxruntime's own, one per core)")
     add_limit_flags(p)
     p.set_defaults(func=cmd_build)
 
