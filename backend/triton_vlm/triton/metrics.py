@@ -72,10 +72,12 @@ class Families:
                 self.enabled = False
                 return None
 
-    def drop(self) -> None:
-        # While the stub can still tell the server: freed at interpreter exit instead, metrics segfaulted
-        # it (Metric::SaveToSharedMemory) and stalled the shutdown.
+    def release(self, owner) -> None:
+        """Drop the owner's metrics, then the families, while the stub can still tell the server: freed at
+        interpreter exit instead, metrics segfaulted it (Metric::SaveToSharedMemory) and stalled the shutdown.
+        The owner keeps only `families` and a `publisher` of None (its record calls then do nothing)."""
         with self.lock:
+            owner.__dict__ = {"families": self, "publisher": None}
             self._families = {}
 
 
@@ -224,7 +226,7 @@ class EngineMetrics:
     def stop(self) -> None:
         if self.publisher is not None:
             self.publisher.stop()
-        self.families.drop()
+        self.families.release(self)
 
 
 class VLMMetrics:
@@ -262,4 +264,4 @@ class VLMMetrics:
     def stop(self) -> None:
         if self.publisher is not None:
             self.publisher.stop()
-        self.families.drop()
+        self.families.release(self)
