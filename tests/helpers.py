@@ -126,3 +126,24 @@ def stub_pids(server) -> dict[str, int]:
         if argv and argv[0].endswith("triton_python_backend_stub"):
             stubs[argv[-2]] = child.pid
     return stubs
+
+
+def scrape(server) -> list[tuple[str, dict, float]]:
+    """Every sample on the metrics port as (name, labels, value)."""
+    import re
+    import urllib.request
+
+    samples = []
+    for line in urllib.request.urlopen(server.metrics_url).read().decode().splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def sample(samples, name: str, **labels) -> float:
+    """The one sample of `name` whose labels include `labels` (0 when there is none yet)."""
+    found = [v for n, ls, v in samples if n == name and labels.items() <= ls.items()]
+    assert len(found) <= 1, f"{name} {labels}: {len(found)} samples"
+    return found[0] if found else 0.0

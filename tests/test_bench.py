@@ -39,3 +39,21 @@ def test_bench_roofline_reports_kv_waste_and_capacity(tiny_checkpoint, tmp_path,
     # 12 short requests all fit the paged budget at once; max-length slabs hold only two.
     assert budget["paged_max_running"] == 12 and budget["preemptions"] == 0
     assert "KV waste at peak load" in capsys.readouterr().out
+
+
+def test_bench_serve_runs_both_sides_on_the_same_requests(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    main(["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "3", "--min-requests", "2",
+          "--max-prompt", "30", "--max-tokens", "5", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 3]
+    for lv, requests in zip(result["levels"], (2, 6)):
+        for side in ("served", "in_process"):
+            r = lv[side]
+            assert r["requests"] == requests and r["tokens"] == requests * 5
+            assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 <= r["itl_p50_ms"] <= r["itl_p99_ms"]
+            assert 1 <= r["tokens_per_response"] <= 5
+        # Greedy, the same ids and embeddings: every served answer is the in-process one.
+        assert lv["outputs_equal"] == requests
+        assert lv["ratio"] == lv["served"]["tokens_per_s"] / lv["in_process"]["tokens_per_s"]
+    assert "served/in-process" in capsys.readouterr().out

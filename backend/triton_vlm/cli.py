@@ -23,7 +23,7 @@ def cmd_build(args) -> None:
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
     limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
-                           limits=limits, llm=llm)
+                           limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads)
     print(build_repository(args.model, args.output, options))
 
 
@@ -126,7 +126,12 @@ def cmd_bench(args) -> None:
 
     if args.preset not in bench.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; choose from {', '.join(bench.PRESETS)}")
-    bench.main(args)
+    if args.what == "serve":
+        from . import bench_serve
+
+        bench_serve.main(args)
+    else:
+        bench.main(args)
 
 
 def cmd_install_stub(args) -> None:
@@ -150,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096")
+                   help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096; "
+                        "torch_threads=N: the llm stub's share of the cores (default: half of them)")
+    p.add_argument("--vision-threads", type=int, default=0,
+                   help="onnxruntime threads of the vision_encoder stub (default 0: onnxruntime's own, one per core)")
     add_limit_flags(p)
     p.set_defaults(func=cmd_build)
 
@@ -186,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     add_openai_flags(p)
     p.set_defaults(func=cmd_openai)
 
-    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline")
-    p.add_argument("what", choices=["engine", "roofline"],
-                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity")
+    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline; "
+                                     "the served path vs the in-process engine")
+    p.add_argument("what", choices=["engine", "roofline", "serve"],
+                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity; "
+                        "serve: tritonserver over gRPC streaming with images vs LLMEngine in process, same requests")
     p.add_argument("--preset", default="58m", help="decoder geometry of the random checkpoint: 58m, 134m, tiny")
     p.add_argument("--checkpoint", type=Path, help="use this LLaVA checkpoint instead of writing one")
     p.add_argument("--requests", type=int, default=16)
@@ -203,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
                         "OpenMP barriers waiting on a descheduled thread")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32], help="serve: client concurrency levels")
+    p.add_argument("--repeats", type=int, default=2, help="serve: runs of each side per level (the fastest counts)")
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="serve: requests per level, at least (and at least 2 x the concurrency)")
+    p.add_argument("--llm-param", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
+                   metavar="KEY=VALUE", help="serve: engine setting for both sides, e.g. max_num_seqs=32")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=cmd_bench)
 

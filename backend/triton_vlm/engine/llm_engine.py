@@ -29,6 +29,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
+from .stats import EngineStats, FinishedRequest, IterationStats
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,26 @@ class RequestOutput(NamedTuple):
     prompt_logprobs: list[dict | None] | None = None
 
 
-class EngineStats(NamedTuple):
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-
-
 OutputCallback = Callable[[RequestOutput], None]
+
+
+def coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One request's outputs, in order, as one per completion: what a slow consumer found waiting.
+
+    Completions come in the order of their last output, so the request's final output stays last.
+    """
+    merged: dict[int, RequestOutput] = {}
+    for out in outputs:
+        before = merged.pop(out.index, None)
+        merged[out.index] = out if before is None else _merge(before, out)
+    return list(merged.values())
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return b._replace(new_token_ids=a.new_token_ids + b.new_token_ids, finished=a.finished or b.finished,
+                      finish_reason=b.finish_reason or a.finish_reason, error=a.error or b.error, text=a.text + b.text,
+                      logprobs=logprobs, prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs)
 
 
 class Live(NamedTuple):
@@ -120,7 +132,10 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
-        self.on_step: Callable[[EngineStats], None] | None = None  # e.g. to export metrics
+        # Called on the loop thread after each step, e.g. to export metrics; the IterationStats is the
+        # callee's from then on.
+        self.on_step: Callable[[EngineStats, IterationStats], None] | None = None
+        self._iteration = IterationStats()
         self.on_death: Callable[[str], None] | None = None  # called with dead_reason if the loop dies
         self.dead_reason: str | None = None  # None while the engine serves
         self._next_cancel_check = 0.0
@@ -216,6 +231,7 @@ class LLMEngine:
             self._submit(Live([self.make_sequence(rid, prompt, p, e)], results[rid].append, None), bounded=False)
         while self.has_work():
             self._step_or_fail_all()
+            self._iteration = IterationStats()  # no one reads them offline
         return results
 
     # ---- the loop -------------------------------------------------------------
@@ -255,9 +271,10 @@ class LLMEngine:
                 self._fail(live.seq, error)
 
     def _after_step(self) -> None:
+        iteration, self._iteration = self._iteration, IterationStats()
         if self.on_step:
             try:
-                self.on_step(self.stats())
+                self.on_step(self.stats(), iteration)
             except Exception:  # noqa: BLE001  (metrics are not worth a request)
                 log.exception("on_step hook failed")
         if not self.has_work():
@@ -271,8 +288,10 @@ class LLMEngine:
         self._drain_inbox()
         self._drop_cancelled()
         batch = self.scheduler.schedule()
+        now = time.monotonic()
         for seq in batch.seqs:
             self._leave_queue(seq)
+            seq.scheduled_at = seq.scheduled_at or now
         if not batch.seqs:
             return
         # Prompt logprobs need the logits of every prompt row (the first completion's, recorded once).
@@ -324,6 +343,7 @@ class LLMEngine:
                 raise EngineBusy(f"server busy: {self._num_waiting} requests already waiting "
                                  f"(max_num_waiting); retry later")
             self._num_waiting += 1
+            live.seq.arrival_time = time.monotonic()
             self._inbox.put(live)
         self._wake.set()
 
@@ -371,6 +391,7 @@ class LLMEngine:
             child = Sequence(seq.request_id, seq.token_ids[:seq.prompt_len], seq.params, image_embeds=seq.image_embeds,
                              image_positions=seq.image_positions, prompt_len=seq.prompt_len, index=index, forked=True)
             child.bad_word_ids = seq.bad_word_ids
+            child.arrival_time, child.scheduled_at = seq.arrival_time, seq.scheduled_at
             child.matcher = None if seq.matcher is None else seq.matcher.deep_copy()
             self._prepare(child)
             children.append(child)
@@ -384,6 +405,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob: float = 0.0, rank: int | None = None,
                 top: list[tuple[int, float]] | None = None) -> None:
+        self._count_token(seq)
         try:
             if seq.params.logprobs is not None:
                 seq.logprobs.append(self._logprob_entry(seq, token, logprob, rank, top or []))
@@ -399,6 +421,17 @@ class LLMEngine:
             self._finish(seq, reason)
         else:
             self._emit(seq)
+
+    def _count_token(self, seq: Sequence) -> None:
+        """Token counts and latencies for IterationStats: vLLM's TTFT (per request) and inter-token gaps."""
+        now, it = time.monotonic(), self._iteration
+        it.generation_tokens += 1
+        if seq.last_token_at is not None:
+            it.itl_s.append(now - seq.last_token_at)
+        elif seq.index == 0:
+            it.ttft_s.append(now - seq.arrival_time)
+            it.prompt_tokens += seq.prompt_len
+        seq.last_token_at = now
 
     def _logprob_entry(self, seq: Sequence, token: int, logprob: float, rank: int | None,
                        top: list[tuple[int, float]]) -> dict:
@@ -463,6 +496,11 @@ class LLMEngine:
             return
         if done:
             self._live.pop(seq.request_id, None)
+            first = live.seq
+            self._iteration.finished.append(FinishedRequest(
+                seq.emitted_at - first.arrival_time, (first.scheduled_at or seq.emitted_at) - first.arrival_time,
+                first.prompt_len, sum(s.num_generated for s in live.seqs), first.params.n,
+                first.finish_reason or seq.finish_reason or "error"))
         prompt_logprobs = None
         if seq.prompt_logprobs and not seq.prompt_logprobs_sent and (new or finished_seq):
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True

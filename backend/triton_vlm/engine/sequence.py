@@ -38,6 +38,10 @@ class Sequence:
     generator: torch.Generator | None = None
     num_sent: int = 0  # generated tokens already handed to the caller
     emitted_at: float = field(default_factory=time.monotonic)  # when the caller last heard of it
+    # For the engine's latency figures (IterationStats), all time.monotonic().
+    arrival_time: float = field(default_factory=time.monotonic)  # set again when added to the engine
+    scheduled_at: float | None = None  # first scheduled
+    last_token_at: float | None = None
     index: int = 0  # which of the request's n completions
     forked: bool = False  # the n - 1 other completions exist (made once the prompt is in the cache)
     # Text: the detokenizer, the output text so far (cut at a stop string) and how much was sent.

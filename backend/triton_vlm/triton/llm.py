@@ -1,7 +1,8 @@
 """Triton adapter for the `llm` model: a decoupled Python-backend model around LLMEngine.
 
 execute() validates each request and hands it to the engine's loop thread, then returns at
-once; the loop streams each step's new token ids back through the request's response sender.
+once. The loop thread only computes: each step's outputs go to the response thread (triton/responder.py),
+which sends them, and its stats to the metrics thread (triton/metrics.py).
 
 Should the loop thread ever die, every request gets an error naming the cause, `is_ready` turns
 false (Tritons that ask it) and the stub exits shortly after, so that Triton 2.51 too sees the
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import fields
 
 import numpy as np
@@ -20,15 +20,18 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..engine.config import EngineConfig
-from ..engine.llm_engine import EngineBusy, EngineDead, EngineStats, LLMEngine, RequestOutput
+from ..engine.llm_engine import EngineBusy, EngineDead, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..engine.stats import IterationStats
 from .channel import Senders
+from .metrics import EngineMetrics
 from .params import error_response, flag, model_parameters, optional_input, scalar, text
+from .responder import Responder
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 EXIT_AFTER_DEATH_S = 2.0  # time for the error responses to leave before the stub exits
-# Triton 2.51's stub is not safe for concurrent pb_utils calls (see triton/vlm.py): the engine
-# thread and execute() both send, so every call on a request or its sender holds this lock.
+# Triton 2.51's stub is not safe for concurrent pb_utils calls (see triton/vlm.py): execute(), the
+# response thread and the metrics thread all make them, so every pb_utils call holds this lock.
 PB_LOCK = threading.RLock()
 
 
@@ -39,11 +42,11 @@ class TritonPythonModel:
         # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
         torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
-        self._families, metrics = _gauges()
-        self._gauges = Gauges(metrics) if metrics else None
-        if self._gauges:
-            self.engine.on_step = self._gauges.publish
-            self.engine.on_step(self.engine.stats())
+        self.responder = Responder(PB_LOCK, output_arrays)
+        self.metrics = EngineMetrics(PB_LOCK, {"model": args["model_name"], "version": args["model_version"]},
+                                     self.engine.scheduler.max_seq_len, config.block_size, config.max_num_seqs)
+        self.engine.on_step = self.metrics.record
+        self.metrics.record(self.engine.stats(), IterationStats())
         self.engine.on_death = _exit_soon
         self.channels = Senders(on_lost=self.engine.abort)  # a vlm that is gone frees its requests' blocks
         self.engine.start()
@@ -88,7 +91,9 @@ class TritonPythonModel:
             self.engine.add(seq, lambda out: channel.send(output_message(out)))
             sender.send(flags=FINAL)
         else:
-            self.engine.add(self._sequence(request), _streamer(sender), is_cancelled=_locked(sender.is_cancelled))
+            streamed = bool(scalar(optional_input(pb_utils, request, "stream"), "stream", True))
+            on_output, is_cancelled = self.responder.stream(sender, hold=not streamed)
+            self.engine.add(self._sequence(request), on_output, is_cancelled=is_cancelled)
 
     def is_ready(self) -> bool:
         """Asked by Tritons whose Python backend supports it (newer than 2.51)."""
@@ -111,10 +116,8 @@ class TritonPythonModel:
         self.engine.on_step = None
         self.engine.stop()
         self.channels.stop()
-        # Drop the metrics while the stub can still tell the server: freed at interpreter exit
-        # instead, they segfaulted it (Metric::SaveToSharedMemory) and stalled the shutdown.
-        with PB_LOCK:
-            self._gauges = self._families = None
+        self.responder.stop()  # after the engine: its "engine stopped" answers are queued
+        self.metrics.stop()
 
 
 def engine_config(params: dict[str, str]) -> EngineConfig:
@@ -128,49 +131,6 @@ def _exit_soon(reason: str) -> None:
     """The engine loop died: leave, so Triton marks this stub unhealthy and the supervisor reloads it."""
     pb_utils.Logger.log_error(f"llm: engine loop died ({reason}); the stub exits in {EXIT_AFTER_DEATH_S:g} s")
     threading.Timer(EXIT_AFTER_DEATH_S, os._exit, args=(1,)).start()
-
-
-class Gauges:
-    """The engine's gauges, set from its loop thread after steps.
-
-    Each Metric.set is a round trip to the server during which Triton 2.51's stub keeps the GIL,
-    so the whole stub waits on it: a value is set only when it changed, at most every PUBLISH_S,
-    and always once the engine is idle (so a drained engine reads 0 at once).
-    """
-
-    PUBLISH_S = 0.1
-
-    def __init__(self, metrics: list):
-        self.metrics = metrics
-        self.shown: list[float | None] = [None] * len(metrics)
-        self.published_at = 0.0
-
-    def publish(self, stats: EngineStats) -> None:
-        now = time.monotonic()
-        idle = stats.num_running == 0 and stats.num_waiting == 0
-        if not idle and now - self.published_at < self.PUBLISH_S:
-            return
-        self.published_at = now
-        with PB_LOCK:  # a Metric.set racing another pb_utils call segfaulted the stub
-            for i, (metric, value) in enumerate(zip(self.metrics, stats)):
-                if self.shown[i] != value:
-                    metric.set(value)
-                    self.shown[i] = value
-
-
-def _gauges():
-    """Prometheus gauges on Triton's metrics port, in EngineStats order; none if metrics are off."""
-    names = [("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
-             ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
-             ("preemptions", "sequences preempted so far")]
-    # A family must outlive its metrics, so both are kept.
-    try:
-        families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
-                    for n, d in names]
-        return families, [f.Metric(labels={"model": "llm"}) for f in families]
-    except Exception as e:  # noqa: BLE001  (--allow-metrics=false: serve without gauges)
-        pb_utils.Logger.log_warn(f"llm: engine gauges not exported ({e})")
-        return [], []
 
 
 def output_arrays(out: RequestOutput) -> dict[str, np.ndarray]:
@@ -210,21 +170,3 @@ def logprobs_entries(entries: list[dict | None]) -> list:
 
 def logprobs_json(entries: list[dict | None]) -> str:
     return json.dumps(logprobs_entries(entries))
-
-
-def _locked(fn):
-    def call(*args):
-        with PB_LOCK:
-            return fn(*args)
-    return call
-
-
-def _streamer(sender):
-    @_locked
-    def send(out: RequestOutput) -> None:
-        if out.error:
-            sender.send(error_response(pb_utils, out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
-            return
-        tensors = [pb_utils.Tensor(name, array) for name, array in output_arrays(out).items()]
-        sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
-    return send

@@ -33,6 +33,7 @@ from ..limits import ServingLimits
 from ..messages import Media, parse_messages
 from ..preprocess import Preprocessor, as_image
 from .channel import LOST, Listener
+from .metrics import VLMMetrics
 from .params import (SCALAR_INPUTS, error_response, flag, model_parameters, optional_input, request_sampling_params,
                      scalar, text)
 
@@ -326,6 +327,7 @@ class TritonPythonModel:
         self._admit_lock = threading.Lock()
         self._stopping = False
         self.listener = Listener()
+        self.metrics = VLMMetrics(PB_LOCK, {"model": args["model_name"], "version": args["model_version"]})
         threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True).start()
 
     def execute(self, requests):
@@ -350,6 +352,7 @@ class TritonPythonModel:
     def finalize(self):
         self._stopping = True  # requests in flight notice within HEARTBEAT_S
         self.listener.stop()
+        self.metrics.stop()
 
     def _admit(self) -> bool:
         with self._admit_lock:
@@ -396,7 +399,9 @@ class TritonPythonModel:
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
         images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
         self._check(reply)
+        started = time.monotonic()
         embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
+        self.metrics.record_request(len(images), time.monotonic() - started if images else None)
         self._check(reply)
         request_id = uuid.uuid4().hex
         outputs = llm_outputs(self.listener, lambda: self._llm_request(request_id, input_ids, req.params, embeds),
