@@ -73,6 +73,7 @@ class EngineStats(NamedTuple):
     num_running: int
     num_waiting: int
     num_preemptions: int
+    num_admitted: int  # requests admitted so far: tells which of several engines took work
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -128,6 +129,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._num_waiting = 0  # added but never run yet: the inbox plus the sequences in _queued
         self._queued: set[Sequence] = set()  # admitted, never scheduled (engine thread only)
+        self.num_admitted = 0
 
     # ---- the public surface -------------------------------------------------
     @property
@@ -191,7 +193,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(self.pool.num_blocks - self.pool.num_free, self.pool.num_blocks, len(s.running),
-                           len(s.waiting), s.num_preemptions)
+                           len(s.waiting), s.num_preemptions, self.num_admitted)
 
     def check(self) -> None:
         """Assert the block pool agrees with every live block table."""
@@ -535,6 +537,7 @@ class LLMEngine:
             return
         self._live[seq.request_id] = live
         self._queued.add(seq)
+        self.num_admitted += 1
 
     def _prepare(self, seq: Sequence) -> None:
         if seq.detokenizer is None:

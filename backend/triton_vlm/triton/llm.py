@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 from ..engine.config import EngineConfig
 from ..engine.llm_engine import EngineBusy, EngineDead, EngineStats, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from .aborts import AbortBoard
 from .params import error_response, flag, model_parameters, optional_input, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,10 +36,17 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         config = engine_config(params)
+        if args.get("model_instance_kind") == "GPU" and config.device in ("auto", "cuda"):
+            # One engine per GPU instance (build --gpus N): this stub's GPU is the one Triton gave it.
+            device_id = int(args["model_instance_device_id"])
+            torch.cuda.set_device(device_id)  # CUDA graphs and FlashInfer work on the current device
+            config.device = f"cuda:{device_id}"
         # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
         torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
-        self._families, metrics = _gauges()
+        # With several instances an abort may reach another instance than the request's.
+        self._aborts = AbortBoard.for_model(args["model_name"]) if instance_count(args) > 1 else None
+        self._families, metrics = _gauges(args.get("model_instance_name", "llm"))
         self._gauges = Gauges(metrics) if metrics else None
         if self._gauges:
             self.engine.on_step = self._gauges.publish
@@ -77,9 +85,19 @@ class TritonPythonModel:
         elif flag(pb_utils, request, "abort"):
             # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.
             self.engine.abort(request.request_id())
+            if self._aborts and request.request_id():
+                self._aborts.post(request.request_id())
             sender.send(flags=FINAL)
         else:
-            self.engine.add(self._sequence(request), _streamer(sender), is_cancelled=_locked(sender.is_cancelled))
+            seq = self._sequence(request)
+            self.engine.add(seq, _streamer(sender), is_cancelled=self._cancelled(seq.request_id, sender))
+
+    def _cancelled(self, request_id: str, sender):
+        is_cancelled = _locked(sender.is_cancelled)
+        if self._aborts is None:
+            return is_cancelled
+        board = self._aborts
+        return lambda: is_cancelled() or board.posted(request_id)
 
     def is_ready(self) -> bool:
         """Asked by Tritons whose Python backend supports it (newer than 2.51)."""
@@ -148,16 +166,23 @@ class Gauges:
                     self.shown[i] = value
 
 
-def _gauges():
-    """Prometheus gauges on Triton's metrics port, in EngineStats order; none if metrics are off."""
+def instance_count(args: dict) -> int:
+    """How many instances of this model Triton runs: `count` per listed GPU, or `count` on CPU."""
+    groups = json.loads(args["model_config"]).get("instance_group", [])
+    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus") or [])) for g in groups) or 1
+
+
+def _gauges(instance: str):
+    """Prometheus gauges on Triton's metrics port, in EngineStats order, labelled with this instance
+    (each instance is its own engine); none if metrics are off."""
     names = [("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
              ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
-             ("preemptions", "sequences preempted so far")]
+             ("preemptions", "sequences preempted so far"), ("requests_admitted", "requests admitted so far")]
     # A family must outlive its metrics, so both are kept.
     try:
         families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
                     for n, d in names]
-        return families, [f.Metric(labels={"model": "llm"}) for f in families]
+        return families, [f.Metric(labels={"model": "llm", "model_instance": instance}) for f in families]
     except Exception as e:  # noqa: BLE001  (--allow-metrics=false: serve without gauges)
         pb_utils.Logger.log_warn(f"llm: engine gauges not exported ({e})")
         return [], []
