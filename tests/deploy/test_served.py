@@ -23,7 +23,7 @@ from k8s_manifests import DEPLOY, expand, flag, one, port_number, render, servin
 from triton_vlm import client
 from triton_vlm.server import free_port
 
-PORT_FLAGS = ("http-port", "grpc-port", "metrics-port")
+PORT_FLAGS = ("http-port", "grpc-port", "metrics-port", "openai-port")
 RECOVERY_S = 120
 
 
@@ -90,6 +90,8 @@ def test_probes_answer_where_they_look(pod):
     grpc = ports[port_number(container, "grpc")]
     assert client.generate_http(f"127.0.0.1:{http}", PROMPTS[0], [], {"max_tokens": 4, "temperature": 0})
     assert client.generate_grpc(f"127.0.0.1:{grpc}", PROMPTS[0], [], {"max_tokens": 4, "temperature": 0})
+    openai = f"http://127.0.0.1:{ports[port_number(container, 'openai')]}/health"
+    assert wait_until(lambda: status(openai) == 200, 30)  # uvicorn starts beside the server
 
 
 def test_hpa_metrics_come_from_metrics_the_pod_exports(pod):
