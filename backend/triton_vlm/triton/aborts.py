@@ -4,6 +4,7 @@ vlm aborts an llm request by sending `abort` with its request id (Triton 2.51's 
 stream), and Triton hands that abort to whichever llm instance is free, not necessarily the one
 running the request. So every instance posts the aborts it receives here, a directory of empty files
 named by a hash of the request id, and every instance looks for its own requests among them.
+An abort stays posted for KEEP_S, so request ids must not come back within that time (vlm's are uuid4).
 """
 from __future__ import annotations
 
