@@ -127,7 +127,8 @@ input [
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
-  {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "reply_to" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] }},

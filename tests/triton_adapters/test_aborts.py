@@ -1,4 +1,5 @@
-"""The abort board that llm instances share: what one posts, every other sees; old posts go."""
+"""The abort board that llm instances share (triton_vlm/triton/aborts.py; this folder is not named
+`triton`, which would shadow OpenAI Triton for torch): what one posts, every other sees; old posts go."""
 import os
 import time
 

@@ -58,21 +58,31 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset = froz
     sub = logits[good].float()  # fp32: half-precision logits overflow at small temperatures
     live = [rows[i] for i in good]
     live_seqs = [seqs[i] for i in good]
-    raw = torch.log_softmax(sub, dim=-1)
+    dev = sub.device
     shaped = shape_logits(sub, live_seqs, live)
-    greedy_tokens = shaped.argmax(dim=-1)
-    probs = probabilities(shaped, live)
-    drawn = _draw(probs, live)
-    greedy = torch.tensor([r.greedy for r in live], device=sub.device)
-    tokens = torch.where(greedy, greedy_tokens, drawn)
-    # A row is broken if nothing is allowed, or (sampled rows) its probabilities are not finite.
-    masked_out = torch.isneginf(shaped).all(dim=-1)
-    not_finite = ~torch.isfinite(probs).all(dim=-1) & ~greedy
-    chosen = raw.gather(1, tokens[:, None]).squeeze(1)
+    tokens = shaped.argmax(dim=-1)
+    # Greedy rows (the common case) draw no noise and build no distribution.
+    sampled = [j for j, r in enumerate(live) if not r.greedy]
+    not_finite = torch.zeros(len(live), dtype=torch.bool, device=dev)
+    if sampled:
+        at = torch.tensor(sampled, device=dev)
+        probs = probabilities(shaped[at], [live[j] for j in sampled])
+        tokens[at] = _draw(probs, [live[j] for j in sampled])
+        not_finite[at] = ~torch.isfinite(probs).all(dim=-1)
+    # A row is broken if nothing is allowed; only rows with a mask can be.
+    masked = [j for j, (r, s) in enumerate(zip(live, live_seqs))
+              if r.banned or s.params.allowed_token_ids or s.matcher is not None or s.params.logit_bias]
+    masked_out = torch.zeros(len(live), dtype=torch.bool, device=dev)
+    if masked:
+        at = torch.tensor(masked, device=dev)
+        masked_out[at] = torch.isneginf(shaped[at]).all(dim=-1)
+    # The sampled token's raw logprob: x - logsumexp(x), without a full log_softmax per row.
+    chosen = sub.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(sub, dim=-1)
     ask = [j for j, r in enumerate(live) if r.logprobs >= 0]
     k = max((live[j].logprobs for j in ask), default=0)
     if ask:
-        asked = raw[ask]
+        asked = torch.log_softmax(sub[ask], dim=-1)
+        chosen[ask] = asked.gather(1, tokens[ask, None]).squeeze(1)  # the same numbers as its ranks and top
         ranks = (asked > chosen[ask, None]).sum(dim=-1) + 1
         top_lp, top_ids = asked.topk(k, dim=-1)
     # The one read-back to the host.

@@ -23,7 +23,8 @@ from ..engine.config import EngineConfig
 from ..engine.llm_engine import EngineBusy, EngineDead, EngineStats, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .aborts import AbortBoard
-from .params import error_response, flag, model_parameters, optional_input, scalar
+from .channel import Senders
+from .params import error_response, flag, model_parameters, optional_input, scalar, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 EXIT_AFTER_DEATH_S = 2.0  # time for the error responses to leave before the stub exits
@@ -52,6 +53,7 @@ class TritonPythonModel:
             self.engine.on_step = self._gauges.publish
             self.engine.on_step(self.engine.stats())
         self.engine.on_death = _exit_soon
+        self.channels = Senders(on_lost=self.engine.abort)  # a vlm that is gone frees its requests' blocks
         self.engine.start()
         pb_utils.Logger.log_info(f"llm: {self.engine.runner.num_blocks} KV blocks of {config.block_size} tokens "
                                  f"on {self.engine.runner.device} ({self.engine.runner.dtype})")
@@ -88,6 +90,15 @@ class TritonPythonModel:
             if self._aborts and request.request_id():
                 self._aborts.post(request.request_id())
             sender.send(flags=FINAL)
+        elif (reply_to := optional_input(pb_utils, request, "reply_to")) is not None:
+            # vlm: outputs go to its socket (see triton/channel.py); this BLS call gets one answer, now.
+            # vlm aborts by request id: with several instances, through the abort board.
+            seq = self._sequence(request)
+            channel = self.channels.to(text(scalar(reply_to, "reply_to"), "reply_to"))
+            board = self._aborts
+            self.engine.add(seq, lambda out: channel.send(output_message(out)),
+                            is_cancelled=(lambda: board.posted(seq.request_id)) if board else None)
+            sender.send(flags=FINAL)
         else:
             seq = self._sequence(request)
             self.engine.add(seq, _streamer(sender), is_cancelled=self._cancelled(seq.request_id, sender))
@@ -119,6 +130,7 @@ class TritonPythonModel:
     def finalize(self):
         self.engine.on_step = None
         self.engine.stop()
+        self.channels.stop()
         # Drop the metrics while the stub can still tell the server: freed at interpreter exit
         # instead, they segfaulted it (Metric::SaveToSharedMemory) and stalled the shutdown.
         with PB_LOCK:
@@ -203,10 +215,28 @@ def output_arrays(out: RequestOutput) -> dict[str, np.ndarray]:
     return arrays
 
 
-def logprobs_json(entries: list[dict | None]) -> str:
+def output_message(out: RequestOutput) -> dict:
+    """One completion's news as a channel message (the same fields as output_arrays)."""
+    message = {"id": out.request_id, "ids": out.new_token_ids, "index": out.index, "text": out.text,
+               "cumulative_logprob": out.cumulative_logprob, "finish_reason": out.finish_reason,
+               "finished": out.finished}
+    if out.error:
+        message["error"] = out.error
+    if out.logprobs is not None:
+        message["logprobs"] = logprobs_entries(out.logprobs)
+    if out.prompt_logprobs is not None:
+        message["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
+    return message
+
+
+def logprobs_entries(entries: list[dict | None]) -> list:
     """Triton vLLM backend's layout: per token {"<id>": {"logprob", "rank", "decoded_token"}} (or null)."""
-    return json.dumps([None if entry is None else {str(t): {"logprob": lp, "rank": rank, "decoded_token": text}
-                                                   for t, (lp, rank, text) in entry.items()} for entry in entries])
+    return [None if entry is None else {str(t): {"logprob": lp, "rank": rank, "decoded_token": text}
+                                        for t, (lp, rank, text) in entry.items()} for entry in entries]
+
+
+def logprobs_json(entries: list[dict | None]) -> str:
+    return json.dumps(logprobs_entries(entries))
 
 
 def _locked(fn):

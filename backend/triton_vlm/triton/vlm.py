@@ -4,14 +4,15 @@ execute() copies each request's inputs out of shared memory (the stub may reuse 
 returns: reading it later corrupted the heap under concurrency), then a worker thread checks the
 request against the serving limits, tokenizes, decodes and preprocesses its images, embeds them
 with `vision_encoder`, and relays the text deltas `llm` streams (one completion each) as responses
-holding all n completions. Inputs and outputs
-mirror Triton's vLLM backend so its clients work unchanged.
+holding all n completions. Inputs and outputs mirror Triton's vLLM backend so its clients work
+unchanged. llm's outputs arrive over vlm's own socket, not as BLS responses (triton/channel.py):
+every BLS call to llm has exactly one response.
 
 No wait is unbounded: vision calls carry a timeout; llm sends every waiting request an empty
-response each 250 ms, so a request notices its client's cancellation while queued or prefilling;
-a watchdog pings llm when a request has heard nothing for 2 s and, if llm is gone (a dead stub
-never answers a stream again), answers that client itself. Whatever ends a request early, its
-llm request is aborted so its KV blocks are freed at once.
+output each 250 ms, and a request checks its client's cancellation at least as often, queued or
+prefilling too; a watchdog pings llm when a request has heard nothing for 2 s and, if llm is gone,
+answers that client itself. Whatever ends a request early, its llm request is aborted so its KV
+blocks are freed at once.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..engine.sampling_params import SamplingParams
 from ..limits import ServingLimits
 from ..messages import Media, parse_messages
 from ..preprocess import Preprocessor, as_image
+from .channel import LOST, Listener
 from .params import (SCALAR_INPUTS, error_response, flag, model_parameters, optional_input, request_sampling_params,
                      scalar, text)
 
@@ -41,10 +43,9 @@ EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumu
 INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
-LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob",
-               "prompt_logprobs"]
 LLM_INPUT_NAMES = ("input_ids", "image_embeds", "sampling_parameters")  # how llm's input refusals begin
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
+HEARTBEAT_S = 0.25  # the longest a request waits for llm before it checks on its client
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
 # Triton 2.51's stub is not safe for pb_utils used from several threads at once: with concurrent
@@ -167,20 +168,16 @@ class LLMOutput(NamedTuple):
     logprobs: list | None = None  # vLLM-backend layout, one dict per new token; None unless asked for
     cumulative_logprob: float = 0.0
     prompt_logprobs: str | None = None  # JSON, once
+    finished: bool = False  # the whole request is over (all completions)
 
 
-def llm_output(response) -> LLMOutput:
-    """Call under PB_LOCK."""
-    if response.has_error():
-        return LLMOutput([], None, _llm_error(response.error()))
-    get = lambda name: _output(response, name)  # noqa: E731
-    ids, reason, index, text_out, logprobs, cumulative, prompt_logprobs = (get(n) for n in LLM_OUTPUTS)
-    first = lambda a, default: default if a is None else a.reshape(-1)[0]  # noqa: E731
-    return LLMOutput([] if ids is None else ids.tolist(), None if reason is None else first(reason, b"").decode(),
-                     None, int(first(index, 0)), first(text_out, b"").decode(),
-                     None if logprobs is None else json.loads(first(logprobs, b"null")),
-                     float(first(cumulative, 0.0)),
-                     None if prompt_logprobs is None else first(prompt_logprobs, b"null").decode())
+def llm_output(message: dict) -> LLMOutput:
+    """One channel message from llm (triton/llm.py output_message) as an LLMOutput."""
+    if message.get("error"):
+        return LLMOutput([], None, _llm_error(message["error"]))
+    return LLMOutput(message["ids"], message["finish_reason"], None, message["index"], message["text"],
+                     message.get("logprobs"), message["cumulative_logprob"], message.get("prompt_logprobs"),
+                     message["finished"])
 
 
 @dataclass
@@ -209,24 +206,47 @@ class Completion:
         return out
 
 
-def llm_outputs(request):
-    """Run an llm request and yield its responses as LLMOutput, in the caller's thread.
+def llm_outputs(listener: Listener, build, request_id: str):
+    """Run the llm request `build()` makes and yield its outputs as LLMOutput, in the caller's thread;
+    None when HEARTBEAT_S passed without one."""
+    inbox = listener.open(request_id)  # before the request: its first output may come at once
+    try:
+        errors = call_llm(build)
+        if errors:  # refused
+            yield LLMOutput([], None, _llm_error(errors[0]))
+            return
+        while True:
+            try:
+                message = inbox.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield None
+                continue
+            yield llm_output(message)
+    finally:
+        listener.close(request_id)
 
-    Waiting for a response happens outside PB_LOCK; each response is read and dropped under it.
+
+def call_llm(build) -> list[str]:
+    """Make an llm request with `build()` (under PB_LOCK), run it and return its error messages.
+
+    Every llm call has exactly one response, which `exec` returns with: `next` never waits, so
+    the stub's deadlock (triton/channel.py) cannot happen. Waits happen outside PB_LOCK.
     """
-    responses = request.exec(decoupled=True)  # returns with llm's first response: wait outside the lock
+    with PB_LOCK:
+        request = build()
+    responses = request.exec(decoupled=True)
     with PB_LOCK:
         del request
-    try:
-        while (response := next(responses, None)) is not None:
-            with PB_LOCK:
-                out = llm_output(response)
-                del response
-            yield out
-    finally:
+    errors = []
+    while (response := next(responses, None)) is not None:
         with PB_LOCK:
-            STREAMS.keep(responses)
-            del responses
+            if response.has_error():
+                errors.append(response.error().message())
+            del response
+    with PB_LOCK:
+        STREAMS.keep(responses)
+        del responses
+    return errors
 
 
 @dataclass
@@ -284,24 +304,10 @@ class LLMHealth:
 def llm_control(flag_name: str, request_id: str = "") -> list[str]:
     """Send llm a request with one BOOL flag set (ping, abort); return its error messages. Waits at most
     PING_TIMEOUT_S, outside PB_LOCK, so a stuck llm cannot stall the other requests."""
-    def run():
-        with PB_LOCK:
-            request = pb_utils.InferenceRequest(model_name="llm", request_id=request_id, requested_output_names=[],
-                                                inputs=[pb_utils.Tensor(flag_name, np.array([True]))])
-        responses = request.exec(decoupled=True)  # waits for llm's answer: outside the lock
-        with PB_LOCK:
-            del request
-        errors = []
-        while (response := next(responses, None)) is not None:
-            with PB_LOCK:
-                if response.has_error():
-                    errors.append(response.error().message())
-                del response
-        with PB_LOCK:
-            STREAMS.keep(responses)
-            del responses
-        return errors
-    return bounded(run, PING_TIMEOUT_S, f"llm {flag_name}")
+    def build():
+        return pb_utils.InferenceRequest(model_name="llm", request_id=request_id, requested_output_names=[],
+                                         inputs=[pb_utils.Tensor(flag_name, np.array([True]))])
+    return bounded(lambda: call_llm(build), PING_TIMEOUT_S, f"llm {flag_name}")
 
 
 class TritonPythonModel:
@@ -319,6 +325,7 @@ class TritonPythonModel:
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self._stopping = False
+        self.listener = Listener()
         threading.Thread(target=self._watch, name="vlm-watchdog", daemon=True).start()
 
     def execute(self, requests):
@@ -341,7 +348,8 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self._stopping = True  # requests in flight notice at their next llm response (250 ms at most)
+        self._stopping = True  # requests in flight notice within HEARTBEAT_S
+        self.listener.stop()
 
     def _admit(self) -> bool:
         with self._admit_lock:
@@ -391,39 +399,28 @@ class TritonPythonModel:
         embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
         self._check(reply)
         request_id = uuid.uuid4().hex
-        with PB_LOCK:
-            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds))
+        outputs = llm_outputs(self.listener, lambda: self._llm_request(request_id, input_ids, req.params, embeds),
+                              request_id)
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
         try:
             self._relay(outputs, flight, req, len(input_ids))
         except BaseException:
-            # Free its KV blocks now, then read llm's final answer: an unread BLS stream keeps
-            # its request alive and blocks unloading. (A dead llm never answers: the watchdog
-            # has answered our client by then, and this thread is lost with the llm stub.)
-            self._abort_llm(request_id)
-            for _ in outputs:
-                pass
+            self._abort_llm(request_id)  # free its KV blocks now
             raise
         finally:
+            outputs.close()
             self._in_flight.pop(request_id, None)
 
     def _relay(self, outputs, flight: InFlight, req: VLMRequest, n_in: int) -> None:
         """Turn llm responses (one completion each) into vlm responses (all n completions each)."""
         reply = flight.reply
         completions = [Completion() for _ in range(req.params.n)]
-        for response in outputs:  # llm sends an empty one every 250 ms while a request waits
-            flight.heard_at = time.monotonic()
-            if response.error:
-                raise response.error
-            if not 0 <= response.index < len(completions):
-                raise RequestError(f"llm: completion index {response.index} out of range", pb_utils.TritonError.INTERNAL)
-            news = completions[response.index].take(response)
-            done = all(c.finish_reason for c in completions)
-            if req.stream and news:
-                reply.send(self._response(req, completions, n_in, done), final=done)
-            if done:
-                break
+        for response in outputs:  # None: nothing from llm for HEARTBEAT_S
+            if response is not None:
+                flight.heard_at = time.monotonic()
+                if self._take(response, completions, req, reply, n_in):
+                    break
             if flight.abandoned:
                 raise RequestError("abandoned by the watchdog", pb_utils.TritonError.UNAVAILABLE)
             self._check(reply)
@@ -434,6 +431,19 @@ class TritonPythonModel:
             c.finish_reason = c.finish_reason or ended[0]
         if not reply.closed:  # not streamed, or the stream ended early
             reply.send(self._response(req, completions, n_in, True), final=True)
+
+    def _take(self, response: LLMOutput, completions: list[Completion], req: VLMRequest, reply: Reply,
+              n_in: int) -> bool:
+        """Add one llm output, streaming what it brought; whether the request has ended."""
+        if response.error:
+            raise response.error
+        if not 0 <= response.index < len(completions):
+            raise RequestError(f"llm: completion index {response.index} out of range", pb_utils.TritonError.INTERNAL)
+        news = completions[response.index].take(response)
+        done = all(c.finish_reason for c in completions)
+        if req.stream and news:
+            reply.send(self._response(req, completions, n_in, done), final=done)
+        return done or response.finished
 
     def _watch(self) -> None:
         """Answer the clients of requests whose llm went silent: a dead llm stub never answers again."""
@@ -533,11 +543,12 @@ class TritonPythonModel:
 
     def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds):
         inputs = [pb_utils.Tensor("input_ids", input_ids),
-                  pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
+                  pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object)),
+                  pb_utils.Tensor("reply_to", np.array([self.listener.path.encode()], dtype=object))]
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
-                                         requested_output_names=LLM_OUTPUTS)
+                                         requested_output_names=[])
 
     def _abort_llm(self, request_id: str) -> None:
         """Stop the llm request of one that ended early, freeing its KV blocks now."""
@@ -594,12 +605,12 @@ def _check_stream_echo(inputs: dict) -> None:
                          "(a stream cannot repeat the prompt)")
 
 
-def _llm_error(error) -> RequestError:
-    """Triton 2.51 drops the status code of an error that crosses BLS (all arrive as INTERNAL), so it
-    is recovered from llm's wording: capacity refusals are UNAVAILABLE (HTTP 503, which clients
-    retry), refusals naming one of llm's inputs are INVALID_ARG, anything else INTERNAL."""
-    message = error.message()
-    if message.startswith(("server busy", "llm engine stopped")):
+def _llm_error(message: str) -> RequestError:
+    """Triton 2.51 drops the status code of an error that crosses BLS (all arrive as INTERNAL), and the
+    channel carries text, so the code is recovered from llm's wording: capacity refusals and a lost
+    llm are UNAVAILABLE (HTTP 503, which clients retry), refusals naming one of llm's inputs are
+    INVALID_ARG, anything else INTERNAL."""
+    if message.startswith(("server busy", "llm engine stopped", LOST)):
         code = pb_utils.TritonError.UNAVAILABLE
     elif message.startswith(LLM_INPUT_NAMES):
         code = pb_utils.TritonError.INVALID_ARG
