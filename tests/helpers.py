@@ -75,13 +75,14 @@ def rng_image(seed: int, size=(40, 60)) -> bytes:
     return buf.getvalue()
 
 
-def serve(checkpoint, tmp_path_factory, name, llm: dict | None = None, limits=None):
-    """Build a repository for a checkpoint and start a real tritonserver on free ports."""
+def serve(checkpoint, tmp_path_factory, name, llm: dict | None = None, limits=None, **build):
+    """Build a repository for a checkpoint (`build`: more BuildOptions) and start a real tritonserver
+    on free ports."""
     from triton_vlm.limits import ServingLimits
     from triton_vlm.repository import BuildOptions, build_repository
     from triton_vlm.server import TritonServer
 
-    options = BuildOptions(llm={**LLM_PARAMS, **(llm or {})}, limits=limits or ServingLimits())
+    options = BuildOptions(llm={**LLM_PARAMS, **(llm or {})}, limits=limits or ServingLimits(), **build)
     repo = build_repository(checkpoint, tmp_path_factory.mktemp(name) / "repo", options)
     return TritonServer(repo, log_path=repo.parent / "server.log").start()
 
@@ -104,6 +105,16 @@ def metric(server, name: str) -> float:
     match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
     assert match, f"{name} not exported"
     return float(match.group(1))
+
+
+def metric_by_instance(server, name: str) -> dict[str, float]:
+    """One engine gauge per llm instance (label `model_instance`, e.g. llm_0_1)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{name}{{[^}}]*model_instance="([^"]+)"[^}}]*}} (\S+)$', text, re.M)}
 
 
 def wait_for_metric(server, name: str, want: float, timeout: float = 10) -> float:

@@ -84,3 +84,26 @@ def test_unknown_vision_backend_is_refused(second_checkpoint, tmp_path):
 def test_llm_and_vlm_configs_render_without_a_build(second_checkpoint):
     parse(llm_config(second_checkpoint, BuildOptions()))
     parse(vlm_config(second_checkpoint, BuildOptions()))
+
+
+def test_gpus_give_llm_one_engine_per_gpu_and_spread_vision(second_checkpoint):
+    g = ModelGeometry.from_checkpoint(second_checkpoint)
+    options = BuildOptions(gpus=4, vision_instances=2)
+    kind = model_config_pb2.ModelInstanceGroup
+    (llm,) = parse(llm_config(second_checkpoint, options)).instance_group
+    assert (llm.kind, llm.count, list(llm.gpus)) == (kind.KIND_GPU, 1, [0, 1, 2, 3])  # one instance per GPU
+    for backend in ("onnxruntime", "tensorrt"):
+        options.vision_backend = backend
+        (vision,) = parse(vision_config(g, options)).instance_group
+        assert (vision.kind, vision.count, list(vision.gpus)) == (kind.KIND_GPU, 2, [0, 1, 2, 3])
+    (vlm,) = parse(vlm_config(second_checkpoint, options)).instance_group
+    assert vlm.kind == kind.KIND_CPU and not vlm.gpus
+
+
+def test_llm_instances_on_cpu(second_checkpoint, tmp_path):
+    (llm,) = parse(llm_config(second_checkpoint, BuildOptions(llm_instances=3))).instance_group
+    assert (llm.kind, llm.count) == (model_config_pb2.ModelInstanceGroup.KIND_CPU, 3)
+    with pytest.raises(ValueError, match="--llm-instances"):
+        build_repository(second_checkpoint, tmp_path, BuildOptions(gpus=2, llm_instances=2))
+    with pytest.raises(ValueError, match="--gpus"):
+        build_repository(second_checkpoint, tmp_path, BuildOptions(gpus=-1))

@@ -23,7 +23,8 @@ def cmd_build(args) -> None:
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
     limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
-                           limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads)
+                           limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads, gpus=args.gpus,
+                           llm_instances=args.llm_instances)
     print(build_repository(args.model, args.output, options))
 
 
@@ -154,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, type=Path, help="model repository to write")
     p.add_argument("--vision-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--vision-max-batch-size", type=int, default=8)
+    p.add_argument("--gpus", type=int, default=0,
+                   help="llm runs one engine on each of GPUs 0..N-1 and vision_encoder is spread across them "
+                        "(vlm stays on CPU); 0: CPU only")
+    p.add_argument("--llm-instances", type=int, default=1,
+                   help="without --gpus: llm engines on CPU, each its own process and KV pool")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096; "
                         "torch_threads=N: the llm stub's share of the cores (default: half of them)")

@@ -21,7 +21,11 @@ class BuildOptions:
     vision_backend: str = "onnxruntime"
     vision_max_batch_size: int = 8
     vision_queue_delay_us: int = 2000  # how long dynamic batching waits to group images
-    vision_instances: int = 1
+    vision_instances: int = 1  # per GPU with gpus > 0
+    # gpus > 0: llm runs one engine instance on each of GPUs 0..gpus-1 (KIND_GPU) and vision_encoder
+    # is spread across them; vlm stays on CPU. 0: everything on CPU, llm with `llm_instances` engines.
+    gpus: int = 0
+    llm_instances: int = 1
     ort_intra_op_threads: int = 0
     limits: ServingLimits = field(default_factory=ServingLimits)  # what one vlm request may ask for
     llm: dict[str, str] = field(default_factory=dict)  # EngineConfig fields, e.g. {"block_size": "16"}
@@ -31,6 +35,10 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
     options = options or BuildOptions()
     if options.vision_backend not in VISION_BACKENDS:
         raise ValueError(f"--vision-backend must be one of {VISION_BACKENDS}, got {options.vision_backend!r}")
+    if options.gpus < 0 or options.llm_instances < 1:
+        raise ValueError(f"--gpus must be >= 0 and --llm-instances >= 1, got {options.gpus} and {options.llm_instances}")
+    if options.gpus and options.llm_instances != 1:
+        raise ValueError("--llm-instances: with --gpus, llm runs one engine per GPU; leave --llm-instances at 1")
     checkpoint = Path(checkpoint).resolve()
     output = Path(output).resolve()
     geometry = ModelGeometry.from_checkpoint(checkpoint)
@@ -82,14 +90,31 @@ dynamic_batching {{ max_queue_delay_microseconds: {o.vision_queue_delay_us} }}""
 platform: "tensorrt_plan"
 default_model_filename: "model.plan"
 {io}
-instance_group [ {{ kind: KIND_GPU count: {o.vision_instances} }} ]
+instance_group [ {_vision_group(o, gpu_only=True)} ]
 """
     return f"""name: "vision_encoder"
 backend: "python"
 {io}
-instance_group [ {{ kind: KIND_CPU count: {o.vision_instances} }} ]
+instance_group [ {_vision_group(o, gpu_only=False)} ]
 {_params({"ort_intra_op_threads": o.ort_intra_op_threads})}
 """
+
+
+def _gpu_list(o: BuildOptions) -> str:
+    return ", ".join(str(i) for i in range(o.gpus))
+
+
+def _vision_group(o: BuildOptions, gpu_only: bool) -> str:
+    if o.gpus:  # `count` instances on each listed GPU
+        return f"{{ kind: KIND_GPU count: {o.vision_instances} gpus: [ {_gpu_list(o)} ] }}"
+    return f"{{ kind: {'KIND_GPU' if gpu_only else 'KIND_CPU'} count: {o.vision_instances} }}"
+
+
+def _llm_group(o: BuildOptions) -> str:
+    """One engine per instance: one on each GPU, or llm_instances on CPU."""
+    if o.gpus:
+        return f"{{ kind: KIND_GPU count: 1 gpus: [ {_gpu_list(o)} ] }}"
+    return f"{{ kind: KIND_CPU count: {o.llm_instances} }}"
 
 
 def llm_config(checkpoint: Path, o: BuildOptions) -> str:
@@ -115,7 +140,7 @@ output [
   {{ name: "cumulative_logprob" data_type: TYPE_FP32 dims: [ 1 ] }},
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+instance_group [ {_llm_group(o)} ]
 {_params({"checkpoint": checkpoint, **o.llm})}
 """
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,13 @@ def pytriton_dir() -> Path:
     import pytriton  # noqa: F401  (located, not used)
 
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def server_dir() -> Path:
+    """The tritonserver installation: $TRITON_VLM_SERVER_DIR (NVIDIA's image: /opt/tritonserver, whose
+    stub was built for the image's Python), else the one inside nvidia-pytriton."""
+    chosen = os.environ.get("TRITON_VLM_SERVER_DIR")
+    return Path(chosen) if chosen else pytriton_dir()
 
 
 def install_stub() -> Path:
@@ -120,7 +128,7 @@ class TritonServer:
         return f"triton_vlm_{os.getpid()}_{self.ports.grpc}_"
 
     def command(self) -> list[str]:
-        root = pytriton_dir()
+        root = server_dir()
         return [
             str(root / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
@@ -147,7 +155,8 @@ class TritonServer:
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         """Launch and wait until every model is ready; on failure nothing of the server is left running."""
-        install_stub()
+        if not os.environ.get("TRITON_VLM_SERVER_DIR"):
+            install_stub()
         self.stopping = False
         self._launch(log_mode="wb")
         self._wait_ready_or_kill(timeout)
@@ -282,6 +291,9 @@ class TritonServer:
         # A killed server leaves its stubs' shared-memory regions behind; the prefix is ours alone.
         for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
             region.unlink(missing_ok=True)
+        # The abort boards of its models' instances (triton/aborts.py) are named by its pid.
+        for board in Path(tempfile.gettempdir()).glob(f"triton_vlm_aborts_{proc.pid}_*"):
+            shutil.rmtree(board, ignore_errors=True)
         if self._log_file:
             self._log_file.close()
             self._log_file = None

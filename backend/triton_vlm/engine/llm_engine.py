@@ -143,6 +143,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._num_waiting = 0  # added but never run yet: the inbox plus the sequences in _queued
         self._queued: set[Sequence] = set()  # admitted, never scheduled (engine thread only)
+        self.num_admitted = 0
 
     # ---- the public surface -------------------------------------------------
     @property
@@ -206,7 +207,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(self.pool.num_blocks - self.pool.num_free, self.pool.num_blocks, len(s.running),
-                           len(s.waiting), s.num_preemptions)
+                           len(s.waiting), s.num_preemptions, self.num_admitted)
 
     def check(self) -> None:
         """Assert the block pool agrees with every live block table."""
@@ -573,6 +574,7 @@ class LLMEngine:
             return
         self._live[seq.request_id] = live
         self._queued.add(seq)
+        self.num_admitted += 1
 
     def _prepare(self, seq: Sequence) -> None:
         if seq.detokenizer is None:

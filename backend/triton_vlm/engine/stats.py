@@ -15,6 +15,7 @@ class EngineStats(NamedTuple):
     num_running: int
     num_waiting: int
     num_preemptions: int
+    num_admitted: int = 0  # requests admitted so far: tells which of several engines took work
 
 
 class FinishedRequest(NamedTuple):

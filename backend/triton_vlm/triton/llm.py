@@ -23,6 +23,7 @@ from ..engine.config import EngineConfig
 from ..engine.llm_engine import EngineBusy, EngineDead, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..engine.stats import IterationStats
+from .aborts import AbortBoard
 from .channel import Senders
 from .metrics import EngineMetrics
 from .params import error_response, flag, model_parameters, optional_input, scalar, text
@@ -39,12 +40,24 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         config = engine_config(params)
+        if args.get("model_instance_kind") == "GPU" and config.device in ("auto", "cuda"):
+            # One engine per GPU instance (build --gpus N): this stub's GPU is the one Triton gave it.
+            device_id = int(args["model_instance_device_id"])
+            torch.cuda.set_device(device_id)  # CUDA graphs and FlashInfer work on the current device
+            config.device = f"cuda:{device_id}"
         # Half the cores by default: the vlm and vision_encoder stubs work on this host too.
         torch.set_num_threads(int(params.get("torch_threads") or max(1, (os.cpu_count() or 2) // 2)))
         self.engine = LLMEngine(params["checkpoint"], config)
+        # With several instances an abort may reach another instance than the request's.
+        several = instance_count(args) > 1
+        self._aborts = AbortBoard.for_model(args["model_name"]) if several else None
         self.responder = Responder(PB_LOCK, output_arrays)
-        self.metrics = EngineMetrics(PB_LOCK, {"model": args["model_name"], "version": args["model_version"]},
-                                     self.engine.scheduler.max_seq_len, config.block_size, config.max_num_seqs)
+        instance = args.get("model_instance_name", "llm")
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        if several:  # each instance is its own engine: its gauges must not overwrite the others'
+            labels["model_instance"] = instance
+        self.metrics = EngineMetrics(PB_LOCK, labels, instance, self.engine.scheduler.max_seq_len,
+                                     config.block_size, config.max_num_seqs)
         self.engine.on_step = self.metrics.record
         self.metrics.record(self.engine.stats(), IterationStats())
         self.engine.on_death = _exit_soon
@@ -82,18 +95,25 @@ class TritonPythonModel:
         elif flag(pb_utils, request, "abort"):
             # BLS callers cannot cancel a stream in this Triton; they abort by request id instead.
             self.engine.abort(request.request_id())
+            if self._aborts and request.request_id():
+                self._aborts.post(request.request_id())
             sender.send(flags=FINAL)
         elif (reply_to := optional_input(pb_utils, request, "reply_to")) is not None:
             # vlm: outputs go to its socket (see triton/channel.py); this BLS call gets one answer, now.
-            # No cancellation check: vlm aborts by request id.
+            # vlm aborts by request id: with several instances, through the abort board.
             seq = self._sequence(request)
             channel = self.channels.to(text(scalar(reply_to, "reply_to"), "reply_to"))
-            self.engine.add(seq, lambda out: channel.send(output_message(out)))
+            board = self._aborts
+            self.engine.add(seq, lambda out: channel.send(output_message(out)),
+                            is_cancelled=(lambda: board.posted(seq.request_id)) if board else None)
             sender.send(flags=FINAL)
         else:
             streamed = bool(scalar(optional_input(pb_utils, request, "stream"), "stream", True))
+            seq = self._sequence(request)
             on_output, is_cancelled = self.responder.stream(sender, hold=not streamed)
-            self.engine.add(self._sequence(request), on_output, is_cancelled=is_cancelled)
+            board = self._aborts
+            self.engine.add(seq, on_output, is_cancelled=(lambda: is_cancelled() or board.posted(seq.request_id))
+                            if board else is_cancelled)
 
     def is_ready(self) -> bool:
         """Asked by Tritons whose Python backend supports it (newer than 2.51)."""
@@ -131,6 +151,12 @@ def _exit_soon(reason: str) -> None:
     """The engine loop died: leave, so Triton marks this stub unhealthy and the supervisor reloads it."""
     pb_utils.Logger.log_error(f"llm: engine loop died ({reason}); the stub exits in {EXIT_AFTER_DEATH_S:g} s")
     threading.Timer(EXIT_AFTER_DEATH_S, os._exit, args=(1,)).start()
+
+
+def instance_count(args: dict) -> int:
+    """How many instances of this model Triton runs: `count` per listed GPU, or `count` on CPU."""
+    groups = json.loads(args["model_config"]).get("instance_group", [])
+    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus") or [])) for g in groups) or 1
 
 
 def output_arrays(out: RequestOutput) -> dict[str, np.ndarray]:

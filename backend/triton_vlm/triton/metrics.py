@@ -138,7 +138,7 @@ def increment(counter, value: float) -> None:
 class EngineMetrics:
     """The llm stub's metrics: vLLM's counters, histograms and gauges, TensorRT-LLM's gauges, and ours."""
 
-    def __init__(self, lock, labels: dict, max_model_len: int, block_size: int, max_num_seqs: int):
+    def __init__(self, lock, labels: dict, instance: str, max_model_len: int, block_size: int, max_num_seqs: int):
         self.families = f = Families(lock)
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         counter, gauge, histogram = (pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE,
@@ -169,11 +169,12 @@ class EngineMetrics:
                                {"kv_cache_block_type": t}) for t in KV_BLOCK_TYPES}
         self.requests = {t: g("nv_trt_llm_request_metrics", "TRT LLM request metrics", {"request_type": t})
                          for t in REQUEST_TYPES}
-        ours = {"model": "llm"}  # as before the vLLM names came: dashboards and tests read these
+        # As before the vLLM names came (dashboards, the HPA and tests read these), per engine instance.
+        ours = {"model": "llm", "model_instance": instance}
         self.ours = [Gauge(f.metric(f"triton_vlm_{n}", d, gauge, ours)) for n, d in (
             ("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
             ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
-            ("preemptions", "sequences preempted so far"))]
+            ("preemptions", "sequences preempted so far"), ("requests_admitted", "requests admitted so far"))]
         self._lock = threading.Lock()
         self._state: EngineStats | None = None
         self._pending = IterationStats()

@@ -24,7 +24,9 @@ class TritonPythonModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            # A KIND_GPU instance (build --gpus N) runs on the GPU Triton gave it.
+            gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         path = Path(args["model_repository"]) / str(args["model_version"]) / "model.onnx"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; rebuild the repository with `triton-vlm build`")
