@@ -21,9 +21,13 @@ def cmd_build(args) -> None:
     from .repository import BuildOptions, build_repository
 
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
+    if not args.prefix_caching:
+        llm["enable_prefix_caching"] = "0"
+    if args.image_cache_mb < 0:
+        raise SystemExit(f"--image-cache-mb: must be >= 0, got {args.image_cache_mb:g}")
     limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
-                           limits=limits, llm=llm)
+                           limits=limits, llm=llm, image_cache_mb=args.image_cache_mb)
     print(build_repository(args.model, args.output, options))
 
 
@@ -151,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-max-batch-size", type=int, default=8)
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="llm computes every prompt in full (the same as --llm-param enable_prefix_caching=0)")
+    p.add_argument("--image-cache-mb", type=float, default=256.0,
+                   help="vlm keeps this many MB of image embeddings by content hash (0: off); default 256")
     add_limit_flags(p)
     p.set_defaults(func=cmd_build)
 

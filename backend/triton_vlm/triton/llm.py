@@ -94,9 +94,14 @@ class TritonPythonModel:
             embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
         raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
         params = SamplingParams.from_json(raw)
+        # Per image: its rows in image_embeds and its content hash (prefix caching keys blocks by it).
+        hashes = optional_input(pb_utils, request, "image_hashes")
+        rows = optional_input(pb_utils, request, "image_rows")
         # The caller's id, when given, is what `abort` names; engine ids stay unique either way.
         request_id = request.request_id() or self.engine.new_request_id()
-        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds)
+        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds,
+                                         None if hashes is None else [bytes(h) for h in hashes.reshape(-1)],
+                                         None if rows is None else rows.reshape(-1).tolist())
 
     def finalize(self):
         self.engine.on_step = None
@@ -142,22 +147,31 @@ class Gauges:
             return
         self.published_at = now
         with PB_LOCK:  # a Metric.set racing another pb_utils call segfaulted the stub
-            for i, (metric, value) in enumerate(zip(self.metrics, stats)):
+            for i, ((metric, counter), value) in enumerate(zip(self.metrics, stats)):
                 if self.shown[i] != value:
-                    metric.set(value)
+                    if counter:  # the engine's totals only grow: a counter takes the difference
+                        metric.increment(value - (self.shown[i] or 0))
+                    else:
+                        metric.set(value)
                     self.shown[i] = value
 
 
 def _gauges():
-    """Prometheus gauges on Triton's metrics port, in EngineStats order; none if metrics are off."""
-    names = [("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
-             ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
-             ("preemptions", "sequences preempted so far")]
+    """Prometheus metrics on Triton's metrics port, in EngineStats order, as (metric, is_counter); none if
+    metrics are off."""
+    gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+    names = [("kv_blocks_used", "KV cache blocks in use", gauge),
+             ("kv_blocks_total", "KV cache blocks in the pool", gauge),
+             ("requests_running", "requests in the running batch", gauge),
+             ("requests_waiting", "requests queued", gauge),
+             ("preemptions", "sequences preempted so far", gauge),
+             ("prefix_cache_queries_total", "prompt tokens looked up in the prefix cache", counter),
+             ("prefix_cache_hits_total", "prompt tokens found in the prefix cache (whole KV blocks)", counter)]
     # A family must outlive its metrics, so both are kept.
     try:
-        families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=pb_utils.MetricFamily.GAUGE)
-                    for n, d in names]
-        return families, [f.Metric(labels={"model": "llm"}) for f in families]
+        families = [pb_utils.MetricFamily(name=f"triton_vlm_{n}", description=d, kind=kind) for n, d, kind in names]
+        return families, [(f.Metric(labels={"model": "llm"}), kind == counter)
+                          for f, (_, _, kind) in zip(families, names)]
     except Exception as e:  # noqa: BLE001  (--allow-metrics=false: serve without gauges)
         pb_utils.Logger.log_warn(f"llm: engine gauges not exported ({e})")
         return [], []

@@ -28,6 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..engine.sampling_params import SamplingParams
+from ..image_cache import MAX_ID_CHARS, ImageCache, ImageRef, content_hash
 from ..limits import ServingLimits
 from ..messages import Media, parse_messages
 from ..preprocess import Preprocessor, as_image
@@ -38,12 +39,12 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
 EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumulative_logprob", "logprobs",
                  "prompt_logprobs")
-INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "exclude_input_in_output",
+INPUTS = ("text_input", "messages", "image", "image_uuid", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
 LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob",
                "prompt_logprobs"]
-LLM_INPUT_NAMES = ("input_ids", "image_embeds", "sampling_parameters")  # how llm's input refusals begin
+LLM_INPUT_NAMES = ("input_ids", "image_embeds", "image_rows", "image_hashes", "sampling_parameters")  # how llm's input refusals begin
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
@@ -61,7 +62,7 @@ STREAM_GRACE_S = 2.0
 class VLMRequest(NamedTuple):
     prompt: str
     prompt_field: str  # "text_input" or "messages", for errors
-    images: list[Media]  # in placeholder order; undecoded unless video frames
+    images: list[Media]  # in placeholder order; undecoded unless video frames; `image` elements as ImageRef
     stream: bool
     params: SamplingParams
     exclude_input: bool
@@ -315,6 +316,8 @@ class TritonPythonModel:
         # pool slot forever); at most max_concurrent_requests of them work at once.
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent_requests)
         self.llm_health = LLMHealth()
+        self.images = ImageCache(int(float(params.get("image_cache_mb") or 0) * 2 ** 20))
+        self._image_metrics = _image_counters()
         self._in_flight: dict[str, InFlight] = {}
         self._admitted = 0
         self._admit_lock = threading.Lock()
@@ -342,6 +345,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self._stopping = True  # requests in flight notice at their next llm response (250 ms at most)
+        with PB_LOCK:  # metrics dropped while the stub can still tell the server (see triton/llm.py)
+            self._image_metrics = ()
 
     def _admit(self) -> bool:
         with self._admit_lock:
@@ -386,13 +391,11 @@ class TritonPythonModel:
         req = self._parse(inputs)
         _check_stream_echo(inputs)
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
-        images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
-        self._check(reply)
-        embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
+        images = self._image_embeds(req.images, reply) if req.images else None
         self._check(reply)
         request_id = uuid.uuid4().hex
         with PB_LOCK:
-            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds))
+            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, images))
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
         try:
@@ -486,6 +489,7 @@ class TritonPythonModel:
                              "(max_request_bytes)")
         params = request_sampling_params(inputs, limits.max_tokens)
         blobs = [] if inputs["image"] is None else [_as_bytes(b) for b in inputs["image"].reshape(-1)]
+        blobs = self._image_refs(blobs, inputs["image_uuid"])
         if len(blobs) > limits.max_images_per_request:
             raise ValueError(f"image: {len(blobs)} images exceed the limit of {limits.max_images_per_request} "
                              "per request (max_images_per_request)")
@@ -531,11 +535,59 @@ class TritonPythonModel:
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
-    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds):
+    def _image_refs(self, blobs: list[bytes], uuids: np.ndarray | None) -> list[ImageRef]:
+        """Key each `image` element by its content hash; an element sent empty with an `image_uuid` is the
+        image the server holds under that id."""
+        ids = [] if uuids is None else [_as_bytes(u).decode("utf-8", "replace") for u in uuids.reshape(-1)]
+        if ids and len(ids) != len(blobs):
+            raise ValueError(f"image_uuid: {len(ids)} element(s) for {len(blobs)} image element(s); send one per "
+                             "image (empty for none)")
+        refs = []
+        for i, blob in enumerate(blobs):
+            image_id = ids[i] if ids else ""
+            if len(image_id) > MAX_ID_CHARS:
+                raise ValueError(f"image_uuid[{i}]: longer than {MAX_ID_CHARS} characters")
+            if blob or not image_id:
+                refs.append(ImageRef(content_hash(blob), blob, image_id))
+                continue
+            key = self.images.resolve(image_id)
+            if key is None:
+                raise ValueError(f"image_uuid[{i}]: unknown id {image_id!r}: no image is held under it (send the "
+                                 "image with the id once; ids last while the image cache keeps the image)")
+            refs.append(ImageRef(key, None, image_id))
+        return refs
+
+    def _image_embeds(self, media: list[Media], reply: Reply) -> list[tuple[str, np.ndarray]]:
+        """(content hash, embeddings [rows, D]) per image: from the image cache, or decoded, preprocessed and
+        embedded with one vision_encoder call for all the misses, which are then cached."""
+        refs = [m.data if isinstance(m.data, ImageRef) else ImageRef(content_hash(m.data), m.data) for m in media]
+        found = [self.images.get(r.key) for r in refs]
+        missing = [i for i, e in enumerate(found) if e is None]
+        _count(self._image_metrics, len(refs) - len(missing), len(missing))
+        for i in missing:
+            if refs[i].data is None:  # evicted since its id was resolved
+                raise ValueError(f"{media[i].field}: the image named by image_uuid {refs[i].image_id!r} is no "
+                                 "longer held; send it again")
+        if missing:
+            pil = [as_image(refs[i].data, media[i].field, self.limits.max_image_pixels) for i in missing]
+            self._check(reply)
+            embeds = self._embed_images(pil, [media[i].field for i in missing])
+            for i, e in zip(missing, embeds):
+                found[i] = e
+                self.images.put(refs[i].key, e)
+        for r in refs:
+            if r.image_id:
+                self.images.name(r.image_id, r.key)
+        return [(r.key, e) for r, e in zip(refs, found)]
+
+    def _llm_request(self, request_id: str, input_ids, params: SamplingParams,
+                     images: list[tuple[str, np.ndarray]] | None):
         inputs = [pb_utils.Tensor("input_ids", input_ids),
                   pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
-        if embeds is not None:
-            inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
+        if images:
+            inputs += [pb_utils.Tensor("image_embeds", np.concatenate([e for _, e in images])),
+                       pb_utils.Tensor("image_rows", np.array([len(e) for _, e in images], dtype=np.int64)),
+                       pb_utils.Tensor("image_hashes", np.array([k.encode() for k, _ in images], dtype=object))]
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                          requested_output_names=LLM_OUTPUTS)
 
@@ -553,6 +605,27 @@ class TritonPythonModel:
             batch = pixels[start:start + self.vision_max_batch]
             chunks.append(_encode(batch, self.limits.vision_timeout_s))
         return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _image_counters() -> tuple:
+    """Image-cache hit and miss counters on the metrics port; () if metrics are off."""
+    try:
+        with PB_LOCK:
+            families = [pb_utils.MetricFamily(name=f"triton_vlm_image_cache_{what}_total", description=f"images {how}",
+                                              kind=pb_utils.MetricFamily.COUNTER)
+                        for what, how in (("hits", "found in the image cache"), ("misses", "embedded afresh"))]
+            return families, [f.Metric(labels={"model": "vlm"}) for f in families]  # a family outlives its metric
+    except Exception as e:  # noqa: BLE001  (--allow-metrics=false)
+        log_error(f"vlm: image cache counters not exported ({e})")
+        return ()
+
+
+def _count(counters: tuple, hits: int, misses: int) -> None:
+    if counters:
+        with PB_LOCK:
+            for metric, n in zip(counters[1], (hits, misses)):
+                if n:
+                    metric.increment(n)
 
 
 def log_error(message: str) -> None:
