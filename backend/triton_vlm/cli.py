@@ -194,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     add_openai_flags(p)
     p.set_defaults(func=cmd_openai)
 
-    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline")
-    p.add_argument("what", choices=["engine", "roofline"],
-                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity")
+    p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline; "
+                                     "prefix and image caching through a real server")
+    p.add_argument("what", choices=["engine", "roofline", "cache"],
+                   help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity; "
+                        "cache: time to first token cold and with cache hits, through tritonserver")
     p.add_argument("--preset", default="58m", help="decoder geometry of the random checkpoint: 58m, 134m, tiny")
     p.add_argument("--checkpoint", type=Path, help="use this LLaVA checkpoint instead of writing one")
     p.add_argument("--requests", type=int, default=16)
@@ -211,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
                         "OpenMP barriers waiting on a descheduled thread")
+    p.add_argument("--repeats", type=int, default=5, help="cache: requests per case (median)")
+    p.add_argument("--context-words", type=int, default=150, help="cache: words of text in the first prompt")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="cache: serve with prefix caching off (the image cache stays on)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=cmd_bench)
 

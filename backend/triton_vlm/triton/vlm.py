@@ -489,10 +489,10 @@ class TritonPythonModel:
                              "(max_request_bytes)")
         params = request_sampling_params(inputs, limits.max_tokens)
         blobs = [] if inputs["image"] is None else [_as_bytes(b) for b in inputs["image"].reshape(-1)]
-        blobs = self._image_refs(blobs, inputs["image_uuid"])
         if len(blobs) > limits.max_images_per_request:
             raise ValueError(f"image: {len(blobs)} images exceed the limit of {limits.max_images_per_request} "
                              "per request (max_images_per_request)")
+        blobs = self._image_refs(blobs, inputs["image_uuid"])
         if inputs["messages"] is not None:
             if inputs["text_input"] is not None:
                 raise ValueError("messages: send either text_input or messages, not both")
