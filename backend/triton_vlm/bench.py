@@ -389,9 +389,11 @@ def _ttft(url: str, prompt: str, images: list[bytes]) -> tuple[float, str]:
 
     inputs = protocol.grpc_inputs(prompt, images, sampling={"max_tokens": 1, "temperature": 0})
     start = time.perf_counter()
-    text = "".join(p.decode() for r in protocol.stream_grpc_results(url, inputs)
-                   for p in ([] if r.as_numpy("text_output") is None else r.as_numpy("text_output").reshape(-1)))
-    return time.perf_counter() - start, text
+    pieces = []
+    for result in protocol.stream_grpc_results(url, inputs):
+        out = result.as_numpy("text_output")
+        pieces += [] if out is None else [p.decode() for p in out.reshape(-1)]
+    return time.perf_counter() - start, "".join(pieces)
 
 
 def _metric_total(url: str, name: str) -> float:
@@ -404,59 +406,68 @@ def _metric_total(url: str, name: str) -> float:
 
 def bench_cache(preset: str, repeats: int, context_words: int, seed: int = 0, checkpoint: Path | None = None,
                 prefix_caching: bool = True) -> dict:
+    from .preprocess import Preprocessor
     from .repository import BuildOptions, build_repository
     from .server import TritonServer
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint or write_checkpoint(preset, Path(tmp) / preset, seed, vision=BIG_VISION)
+        pre = Preprocessor(ckpt)
         llm = {"num_kv_blocks": "2048", "enable_prefix_caching": str(int(prefix_caching))}
         repo = build_repository(ckpt, Path(tmp) / "repo", BuildOptions(llm=llm))
         server = TritonServer(repo, log_path=Path(tmp) / "server.log").start()
         try:
-            return _cache_runs(server, ckpt, repeats, context_words, seed, preset)
+            times, prompt = _cache_runs(server.grpc_url, pre.geometry.vision.image_size, repeats, context_words, seed)
+            time.sleep(0.3)  # llm publishes its counters at most every 100 ms
+            totals = {name: _metric_total(server.metrics_url, f"triton_vlm_{name}_total")
+                      for name in ("prefix_cache_queries", "prefix_cache_hits", "image_cache_hits", "image_cache_misses")}
         finally:
             server.stop()
+    return {"preset": preset, "repeats": repeats, "prompt_tokens": len(pre.input_ids(prompt)),
+            "image_tokens": pre.geometry.image_seq_len, "image_size": pre.geometry.vision.image_size,
+            "ttft_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "prefix_cache": {"queries": totals["prefix_cache_queries"], "hits": totals["prefix_cache_hits"]},
+            "image_cache": {"hits": totals["image_cache_hits"], "misses": totals["image_cache_misses"]},
+            "load_average": os.getloadavg()[0]}
 
 
-def _cache_runs(server, checkpoint: Path, repeats: int, context_words: int, seed: int, preset: str) -> dict:
-    from .preprocess import Preprocessor
+def _question(context: str, question: str) -> str:
+    return f"USER: <image>\n{context}\n{question}\nASSISTANT:"
 
-    url = server.grpc_url
+
+def _cache_runs(url: str, size: int, repeats: int, context_words: int, seed: int) -> tuple[dict, str]:
+    """TTFT samples per case, and the first cold prompt."""
     rng = random.Random(seed)
-    pre = Preprocessor(checkpoint)
-    size = pre.geometry.vision.image_size
-    ask = lambda n, image, context, question: (  # noqa: E731
-        f"USER: <image>\n{context}\n{question}\nASSISTANT:", [_image(seed * 1000 + n, size)] if image else [])
-    _ttft(url, *ask(999, True, _words(rng, context_words), "Warm up?"))
+    image = lambda n: _image(seed * 1000 + n, size)  # noqa: E731  (each n a new picture)
+    _ttft(url, _question(_words(rng, context_words), "Warm up?"), [image(999)])
     times: dict[str, list[float]] = {k: [] for k in ("cold", "same", "new_question", "turn1", "turn4")}
+    first = None
     for r in range(repeats):
         context = _words(rng, context_words)
-        prompt, images = ask(r, True, context, "What is in this picture?")
-        times["cold"].append(_ttft(url, prompt, images)[0])
-        times["same"].append(_ttft(url, prompt, images)[0])
-        times["new_question"].append(_ttft(url, *ask(r, True, context, f"And what is {rng.choice(['red', 'left', 'big'])}?"))[0])
-        # A stateless chat: each turn resends the whole conversation; images in turns 1 and 3.
-        chat, chat_images = "", []
-        for turn in range(1, 5):
-            image = turn in (1, 3)
-            chat_images += [_image(seed * 1000 + 500 + 10 * r + turn, size)] if image else []
-            chat += ("USER: <image>\n" if image else "USER: ") + (_words(rng, context_words) if turn == 1 else
-                                                                  _words(rng, 12)) + "\nASSISTANT:"
-            t, answer = _ttft(url, chat, chat_images)
-            chat += f"{answer}</s>\n"
-            if turn in (1, 4):
-                times[f"turn{turn}"].append(t)
-    metrics = server.metrics_url
-    total = lambda name: _metric_total(metrics, name)  # noqa: E731
-    time.sleep(0.3)  # llm publishes its counters at most every 100 ms
-    queries, hits = total("triton_vlm_prefix_cache_queries_total"), total("triton_vlm_prefix_cache_hits_total")
-    image_hits, image_misses = total("triton_vlm_image_cache_hits_total"), total("triton_vlm_image_cache_misses_total")
-    prompt_tokens = len(pre.input_ids(ask(0, True, _words(random.Random(seed), context_words), "What is in this picture?")[0]))
-    return {"preset": preset, "repeats": repeats, "prompt_tokens": prompt_tokens,
-            "image_tokens": pre.geometry.image_seq_len, "image_size": size,
-            "ttft_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-            "prefix_cache": {"queries": queries, "hits": hits}, "image_cache": {"hits": image_hits, "misses": image_misses},
-            "load_average": os.getloadavg()[0]}
+        prompt = _question(context, "What is in this picture?")
+        first = first or prompt
+        times["cold"].append(_ttft(url, prompt, [image(r)])[0])
+        times["same"].append(_ttft(url, prompt, [image(r)])[0])
+        times["new_question"].append(_ttft(url, _question(context, "And what is left of it?"), [image(r)])[0])
+        turns = _chat(url, rng, [image(500 + 10 * r + 1), image(500 + 10 * r + 3)], context_words)
+        times["turn1"].append(turns[0])
+        times["turn4"].append(turns[3])
+    return times, first
+
+
+def _chat(url: str, rng: random.Random, images: list[bytes], context_words: int) -> list[float]:
+    """A stateless client's 4-turn chat, each turn resending the whole conversation; images in turns 1 and 3.
+    TTFT per turn."""
+    chat, sent, times = "", [], []
+    for turn in range(1, 5):
+        if turn in (1, 3):
+            sent.append(images[turn // 2])
+        words = _words(rng, context_words if turn == 1 else 12)
+        chat += ("USER: <image>\n" if turn in (1, 3) else "USER: ") + words + "\nASSISTANT:"
+        t, answer = _ttft(url, chat, sent)
+        chat += f"{answer}</s>\n"
+        times.append(t)
+    return times
 
 
 def print_cache(result: dict) -> None:
