@@ -82,3 +82,35 @@ def test_an_image_id_stands_for_the_image_sent_with_it(tiny_server, hf_tiny, wit
     assert vision_runs(tiny_server) == runs
     with pytest.raises(protocol.VLMError, match=r"image_uuid\[0\]: unknown id 'tenant-b/"):
         ask(tiny_server, PROMPTS[1], [b""], ["tenant-b/" + image_id.split("/")[1]])
+
+
+def test_a_stateless_four_turn_chat_computes_only_each_turns_new_tokens(tiny_server, hf_tiny):
+    """The client resends the whole chat each turn (images in turns 1 and 3) as `messages`; the prefix
+    cache's counters say how many prompt tokens each turn computed, and every answer equals HF's."""
+    images = [rng_image(4401), rng_image(4402)]
+    questions = ["What is in this picture?", "Tell me more.", "And in this one?", "Which do you like?"]
+    chat, prev_len = [], 0
+    for turn, question in enumerate(questions, start=1):
+        content = [{"type": "text", "text": question}]
+        if turn in (1, 3):
+            content.insert(0, {"type": "image_url", "image_url": {"url": f"#{turn // 2}"}})
+        chat.append({"role": "user", "content": content})
+        sent = images[:1 if turn < 3 else 2]
+        queries = metric_reaching(tiny_server, "triton_vlm_prefix_cache_queries_total", 0)
+        hits = metric_reaching(tiny_server, "triton_vlm_prefix_cache_hits_total", 0)
+        inputs = protocol.grpc_inputs(None, sent, sampling=GREEDY, messages=json.dumps(chat),
+                                      returns=("num_input_tokens",))
+        done = protocol.complete(tiny_server.grpc_url, inputs)
+        hf_chat = [{**m, "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
+                   if isinstance(m["content"], list) else m for m in chat]
+        prompt = hf_tiny.processor.apply_chat_template(hf_chat, add_generation_prompt=True)
+        assert done.text == hf_tiny.generate(prompt, sent, GREEDY["max_tokens"]), f"turn {turn}"
+        n = done.num_input_tokens
+        assert metric_reaching(tiny_server, "triton_vlm_prefix_cache_queries_total", queries + n) == queries + n
+        computed = n - (metric(tiny_server, "triton_vlm_prefix_cache_hits_total") - hits)
+        if turn == 1:
+            assert computed == n
+        else:  # the previous prompt's full 16-token blocks were found; the rest is this turn's news
+            assert computed <= n - prev_len // 16 * 16, f"turn {turn}"
+        chat.append({"role": "assistant", "content": done.text})
+        prev_len = n
