@@ -57,3 +57,25 @@ def test_bench_serve_runs_both_sides_on_the_same_requests(tiny_checkpoint, tmp_p
         assert lv["outputs_equal"] == requests
         assert lv["ratio"] == lv["served"]["tokens_per_s"] / lv["in_process"]["tokens_per_s"]
     assert "served/in-process" in capsys.readouterr().out
+
+
+def test_bench_cache_runs_through_the_server(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cache.json"
+    main(["bench", "cache", "--checkpoint", str(tiny_checkpoint), "--repeats", "1", "--context-words", "20",
+          "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["ttft_ms"]) == {"cold", "same", "new_question", "turn1", "turn4"}
+    assert all(t > 0 for t in result["ttft_ms"].values())
+    assert 0 < result["prefix_cache"]["hits"] < result["prefix_cache"]["queries"]
+    # Misses: the warm-up's, cold's and the chat's two new images; hits: same, new question, and the chat
+    # resending its images (1 in turn 2, 1 in turn 3, 2 in turn 4).
+    assert result["image_cache"] == {"hits": 2 + 4, "misses": 2 + 2}
+    assert "same image, same prompt" in capsys.readouterr().out
+
+
+def test_bench_cache_without_prefix_caching_hits_only_images(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cache.json"
+    main(["bench", "cache", "--checkpoint", str(tiny_checkpoint), "--repeats", "1", "--context-words", "5",
+          "--no-prefix-caching", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["prefix_cache"]["hits"] == 0 and result["image_cache"]["hits"] > 0

@@ -43,7 +43,8 @@ def test_llm_and_vlm_are_decoupled_and_carry_the_checkpoint(built, second_checkp
     llm = parse((built / "llm" / "config.pbtxt").read_text())
     assert llm.parameters["block_size"].string_value == "32"
     vlm = parse((built / "vlm" / "config.pbtxt").read_text())
-    assert [i.name for i in vlm.input] == ["ping", "text_input", "messages", "image", "stream", "sampling_parameters",
+    assert [i.name for i in vlm.input] == ["ping", "text_input", "messages", "image", "image_uuid", "stream",
+                                           "sampling_parameters",
                                            "exclude_input_in_output", "return_finish_reason",
                                            "return_num_input_tokens", "return_num_output_tokens",
                                            "return_logprobs", "return_cumulative_logprob",
@@ -53,6 +54,8 @@ def test_llm_and_vlm_are_decoupled_and_carry_the_checkpoint(built, second_checkp
     types = {i.name: model_config_pb2.DataType.Name(i.data_type) for i in vlm.input}
     assert all(types[name] == dtype for name, (dtype, _) in SCALAR_INPUTS.items())
     assert vlm.parameters["vision_max_batch_size"].string_value == "4"
+    assert float(vlm.parameters["image_cache_mb"].string_value) == 256
+    assert [i.name for i in llm.input][:4] == ["input_ids", "image_embeds", "image_rows", "image_hashes"]
 
 
 def test_tensorrt_variant_parses_with_the_same_tensors(second_checkpoint):

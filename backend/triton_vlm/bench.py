@@ -5,6 +5,8 @@ bench engine    writes a random LLaVA checkpoint of a preset, runs the same toke
                 (when installed) and `LLMEngine.generate`; checks greedy outputs are equal; prints tokens/s,
                 ratios and decode-step efficiency at several batch sizes.
 bench roofline  decode-step efficiency, KV waste at peak load and how many sequences a fixed KV budget holds.
+bench cache     through a real tritonserver: time to first token cold, for a repeated image and prompt, the same
+                image with a new question, and turn 4 of a chat against turn 1; the prefix and image cache hit rates.
 
 Efficiency = max(weight bytes / bandwidth, FLOPs / peak) / measured step time, with bandwidth (GEMV) and
 peak (SGEMM) measured in the same run. Timings on a shared machine are noisy: compare within one run.
@@ -51,8 +53,13 @@ class Workload:
     seed: int = 0
 
 
-def write_checkpoint(preset: str, out_dir: Path, seed: int = 0) -> Path:
-    """A random LLaVA checkpoint whose decoder has the preset's geometry (the tokenizer is a small stand-in)."""
+# A vision tower of LLaVA-1.5's shape in miniature: 224 px in 14-px patches, 256 image tokens per image.
+BIG_VISION = dict(image_size=224, patch_size=14, vision_hidden=192, vision_layers=4, vision_heads=4)
+
+
+def write_checkpoint(preset: str, out_dir: Path, seed: int = 0, vision: dict | None = None) -> Path:
+    """A random LLaVA checkpoint whose decoder has the preset's geometry (the tokenizer is a small stand-in);
+    `vision` overrides the tiny default vision tower (make_llava_config's image_size, patch_size, vision_*)."""
     from transformers import LlavaForConditionalGeneration
 
     from .checkpoint import DEFAULT_CORPUS, make_llava_config, make_processor, save_checkpoint, train_tokenizer
@@ -61,11 +68,12 @@ def write_checkpoint(preset: str, out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(DEFAULT_CORPUS)
     # A wide init keeps greedy logits far from ties, so systems that add in different orders still agree.
+    vision = {"image_size": 32, "patch_size": 8, **(vision or {})}
     config = make_llava_config(tokenizer, hidden=p.hidden, intermediate=p.intermediate, layers=p.layers, heads=p.heads,
-                               kv_heads=p.kv_heads, init_range=0.05)
+                               kv_heads=p.kv_heads, init_range=0.05, **vision)
     config.text_config.vocab_size = p.vocab
     model = LlavaForConditionalGeneration(config).eval()
-    return save_checkpoint(model, make_processor(tokenizer, 32, 8), out_dir)
+    return save_checkpoint(model, make_processor(tokenizer, vision["image_size"], vision["patch_size"]), out_dir)
 
 
 def make_prompts(w: Workload, vocab: int, avoid: set[int]) -> list[list[int]]:
@@ -355,6 +363,131 @@ def print_roofline(result: dict) -> None:
           f"({b['ratio']:.1f}x; target >= 4x)")
 
 
+# ---- bench cache ----------------------------------------------------------------------------------------------
+def _words(rng: random.Random, n: int) -> str:
+    from .checkpoint import DEFAULT_CORPUS
+
+    words = [w for line in DEFAULT_CORPUS for w in line.replace("<image>", "").split()]
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def _image(seed: int, size: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _ttft(url: str, prompt: str, images: list[bytes]) -> tuple[float, str]:
+    """Seconds until the first generated token (max_tokens 1: the request ends with it), and its text."""
+    from .client import protocol
+
+    inputs = protocol.grpc_inputs(prompt, images, sampling={"max_tokens": 1, "temperature": 0})
+    start = time.perf_counter()
+    pieces = []
+    for result in protocol.stream_grpc_results(url, inputs):
+        out = result.as_numpy("text_output")
+        pieces += [] if out is None else [p.decode() for p in out.reshape(-1)]
+    return time.perf_counter() - start, "".join(pieces)
+
+
+def _metric_total(url: str, name: str) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(url).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+
+
+def bench_cache(preset: str, repeats: int, context_words: int, seed: int = 0, checkpoint: Path | None = None,
+                prefix_caching: bool = True) -> dict:
+    from .preprocess import Preprocessor
+    from .repository import BuildOptions, build_repository
+    from .server import TritonServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint or write_checkpoint(preset, Path(tmp) / preset, seed, vision=BIG_VISION)
+        pre = Preprocessor(ckpt)
+        llm = {"num_kv_blocks": "2048", "enable_prefix_caching": str(int(prefix_caching))}
+        repo = build_repository(ckpt, Path(tmp) / "repo", BuildOptions(llm=llm))
+        server = TritonServer(repo, log_path=Path(tmp) / "server.log").start()
+        try:
+            times, prompt = _cache_runs(server.grpc_url, pre.geometry.vision.image_size, repeats, context_words, seed)
+            time.sleep(0.3)  # llm publishes its counters at most every 100 ms
+            totals = {name: _metric_total(server.metrics_url, f"triton_vlm_{name}_total")
+                      for name in ("prefix_cache_queries", "prefix_cache_hits", "image_cache_hits", "image_cache_misses")}
+        finally:
+            server.stop()
+    return {"preset": preset, "repeats": repeats, "prompt_tokens": len(pre.input_ids(prompt)),
+            "image_tokens": pre.geometry.image_seq_len, "image_size": pre.geometry.vision.image_size,
+            "ttft_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "prefix_cache": {"queries": totals["prefix_cache_queries"], "hits": totals["prefix_cache_hits"]},
+            "image_cache": {"hits": totals["image_cache_hits"], "misses": totals["image_cache_misses"]},
+            "load_average": os.getloadavg()[0]}
+
+
+def _question(context: str, question: str) -> str:
+    return f"USER: <image>\n{context}\n{question}\nASSISTANT:"
+
+
+def _cache_runs(url: str, size: int, repeats: int, context_words: int, seed: int) -> tuple[dict, str]:
+    """TTFT samples per case, and the first cold prompt."""
+    rng = random.Random(seed)
+    image = lambda n: _image(seed * 1000 + n, size)  # noqa: E731  (each n a new picture)
+    _ttft(url, _question(_words(rng, context_words), "Warm up?"), [image(999)])
+    times: dict[str, list[float]] = {k: [] for k in ("cold", "same", "new_question", "turn1", "turn4")}
+    first = None
+    for r in range(repeats):
+        context = _words(rng, context_words)
+        prompt = _question(context, "What is in this picture?")
+        first = first or prompt
+        times["cold"].append(_ttft(url, prompt, [image(r)])[0])
+        times["same"].append(_ttft(url, prompt, [image(r)])[0])
+        times["new_question"].append(_ttft(url, _question(context, "And what is left of it?"), [image(r)])[0])
+        turns = _chat(url, rng, [image(500 + 10 * r + 1), image(500 + 10 * r + 3)], context_words)
+        times["turn1"].append(turns[0])
+        times["turn4"].append(turns[3])
+    return times, first
+
+
+def _chat(url: str, rng: random.Random, images: list[bytes], context_words: int) -> list[float]:
+    """A stateless client's 4-turn chat, each turn resending the whole conversation; images in turns 1 and 3.
+    TTFT per turn."""
+    chat, sent, times = "", [], []
+    for turn in range(1, 5):
+        if turn in (1, 3):
+            sent.append(images[turn // 2])
+        words = _words(rng, context_words if turn == 1 else 12)
+        chat += ("USER: <image>\n" if turn in (1, 3) else "USER: ") + words + "\nASSISTANT:"
+        t, answer = _ttft(url, chat, sent)
+        chat += f"{answer}</s>\n"
+        times.append(t)
+    return times
+
+
+def print_cache(result: dict) -> None:
+    t = result["ttft_ms"]
+    print(f"preset {result['preset']} decoder, {result['image_size']}-px images ({result['image_tokens']} image tokens); prompts of "
+          f"{result['prompt_tokens']} tokens (image included), first token only; median of {result['repeats']}; "
+          f"load average {result['load_average']:.1f}")
+    print(f"{'request':<44} {'TTFT ms':>9} {'vs cold':>8}")
+    rows = [("cold: new image, new prompt", "cold"), ("same image, same prompt (target <= 20%)", "same"),
+            ("same image, new question", "new_question"), ("chat turn 1 (new image)", "turn1"),
+            ("chat turn 4 (images in turns 1 and 3)", "turn4")]
+    for label, key in rows:
+        print(f"{label:<44} {t[key]:>9.1f} {t[key] / t['cold']:>7.0%}")
+    print(f"chat turn 4 vs turn 1: {t['turn4'] / t['turn1']:.0%}")
+    p, i = result["prefix_cache"], result["image_cache"]
+    print(f"prefix cache: {p['hits']:.0f} of {p['queries']:.0f} prompt tokens hit ({p['hits'] / max(p['queries'], 1):.0%}); "
+          f"image cache: {i['hits']:.0f} of {i['hits'] + i['misses']:.0f} images hit "
+          f"({i['hits'] / max(i['hits'] + i['misses'], 1):.0%})")
+
+
 def main(args) -> None:
     global BLOCK_SIZE
     BLOCK_SIZE = args.block_size
@@ -364,6 +497,10 @@ def main(args) -> None:
     if args.what == "engine":
         result = bench_engine(args.preset, w, args.batches, args.steps, args.checkpoint)
         print_engine(result)
+    elif args.what == "cache":
+        result = bench_cache(args.preset, args.repeats, args.context_words, args.seed, args.checkpoint,
+                             args.prefix_caching)
+        print_cache(result)
     else:
         result = bench_roofline(args.preset, w, args.batches, args.steps, args.kv_budget_tokens, args.checkpoint)
         print_roofline(result)

@@ -21,10 +21,14 @@ def cmd_build(args) -> None:
     from .repository import BuildOptions, build_repository
 
     llm = dict(kv.split("=", 1) for kv in args.llm_param)
+    if not args.prefix_caching:
+        llm["enable_prefix_caching"] = "0"
+    if args.image_cache_mb < 0:
+        raise SystemExit(f"--image-cache-mb: must be >= 0, got {args.image_cache_mb:g}")
     limits = ServingLimits(**{f.name: getattr(args, f.name) for f in fields(ServingLimits)})
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
                            limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads, gpus=args.gpus,
-                           llm_instances=args.llm_instances)
+                           llm_instances=args.llm_instances, image_cache_mb=args.image_cache_mb)
     print(build_repository(args.model, args.output, options))
 
 
@@ -127,6 +131,8 @@ def cmd_bench(args) -> None:
 
     if args.preset not in bench.PRESETS:
         raise SystemExit(f"--preset: unknown {args.preset!r}; choose from {', '.join(bench.PRESETS)}")
+    if args.repeats is None:
+        args.repeats = 2 if args.what == "serve" else 5
     if args.what == "serve":
         from . import bench_serve
 
@@ -165,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
                         "torch_threads=N: the llm stub's share of the cores (default: half of them)")
     p.add_argument("--vision-threads", type=int, default=0,
                    help="onnxruntime threads of the vision_encoder stub (default 0: onnxruntime's own, one per core)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="llm computes every prompt in full (the same as --llm-param enable_prefix_caching=0)")
+    p.add_argument("--image-cache-mb", type=float, default=256.0,
+                   help="vlm keeps this many MB of image embeddings by content hash (0: off); default 256")
     add_limit_flags(p)
     p.set_defaults(func=cmd_build)
 
@@ -201,10 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_openai)
 
     p = sub.add_parser("bench", help="engine vs HF transformers in one process; decode efficiency vs the roofline; "
-                                     "the served path vs the in-process engine")
-    p.add_argument("what", choices=["engine", "roofline", "serve"],
+                                     "the served path vs the in-process engine; prefix and image caching through a real server")
+    p.add_argument("what", choices=["engine", "roofline", "serve", "cache"],
                    help="engine: the systems side by side + efficiency; roofline: efficiency + KV waste and capacity; "
-                        "serve: tritonserver over gRPC streaming with images vs LLMEngine in process, same requests")
+                        "serve: tritonserver over gRPC streaming with images vs LLMEngine in process, same requests; "
+                        "cache: time to first token cold and with cache hits, through tritonserver")
     p.add_argument("--preset", default="58m", help="decoder geometry of the random checkpoint: 58m, 134m, tiny")
     p.add_argument("--checkpoint", type=Path, help="use this LLaVA checkpoint instead of writing one")
     p.add_argument("--requests", type=int, default=16)
@@ -220,11 +231,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "
                         "OpenMP barriers waiting on a descheduled thread")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32], help="serve: client concurrency levels")
-    p.add_argument("--repeats", type=int, default=2, help="serve: runs of each side per level (the fastest counts)")
+    p.add_argument("--repeats", type=int, help="serve: runs of each side per level, the fastest counts (default 2); "
+                                               "cache: requests per case, the median counts (default 5)")
     p.add_argument("--min-requests", type=int, default=8,
                    help="serve: requests per level, at least (and at least 2 x the concurrency)")
     p.add_argument("--llm-param", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
                    metavar="KEY=VALUE", help="serve: engine setting for both sides, e.g. max_num_seqs=32")
+    p.add_argument("--context-words", type=int, default=150, help="cache: words of text in the first prompt")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="cache: serve with prefix caching off (the image cache stays on)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=cmd_bench)
 

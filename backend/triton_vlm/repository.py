@@ -29,6 +29,7 @@ class BuildOptions:
     ort_intra_op_threads: int = 0
     limits: ServingLimits = field(default_factory=ServingLimits)  # what one vlm request may ask for
     llm: dict[str, str] = field(default_factory=dict)  # EngineConfig fields, e.g. {"block_size": "16"}
+    image_cache_mb: float = 256.0  # vlm's LRU of image embeddings by content hash; 0 turns it off
 
 
 def build_repository(checkpoint: str | Path, output: str | Path, options: BuildOptions | None = None) -> Path:
@@ -125,6 +126,8 @@ model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
+  {{ name: "image_rows" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
+  {{ name: "image_hashes" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
@@ -171,6 +174,7 @@ input [
   {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "image_uuid" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
@@ -192,5 +196,6 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}
+{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
+          "image_cache_mb": o.image_cache_mb, **limits.to_params()})}
 """

@@ -6,13 +6,13 @@ from triton_vlm.engine.scheduler import Scheduler, SchedulerConfig
 from triton_vlm.engine.sequence import Sequence, Status
 
 
-def make(num_blocks=8, block_size=4, budget=64, max_seqs=8, max_len=1024):
+def make(num_blocks=8, block_size=4, budget=64, max_seqs=8, max_len=1024, caching=True):
     pool = BlockPool(num_blocks)
-    return Scheduler(SchedulerConfig(block_size, max_seqs, budget, max_len), pool), pool
+    return Scheduler(SchedulerConfig(block_size, max_seqs, budget, max_len, caching), pool), pool
 
 
-def seq(name, n):
-    return Sequence(name, list(range(1, n + 1)), SamplingParams(max_tokens=100))
+def seq(name, n, first=1):
+    return Sequence(name, list(range(first, first + n)), SamplingParams(max_tokens=100))
 
 
 def run_step(sched, token=7):
@@ -20,6 +20,7 @@ def run_step(sched, token=7):
     batch = sched.schedule()
     for s, n in zip(batch.seqs, batch.num_new_tokens):
         s.num_computed += n
+        sched.cache_computed(s)
         if s.num_computed == s.num_tokens:
             s.token_ids.append(token)
     sched.pool.check(sched.block_tables())
@@ -72,7 +73,7 @@ def test_max_num_seqs_caps_the_running_set():
 
 
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
-    sched, pool = make(num_blocks=4, block_size=4)
+    sched, pool = make(num_blocks=4, block_size=4, caching=False)
     a, b = seq("a", 4), seq("b", 4)
     sched.add(a)
     sched.add(b)
@@ -124,3 +125,67 @@ def test_finish_of_waiting_and_running_sequences_frees_everything():
     sched.finish(a, "abort")  # idempotent
     pool.check([])
     assert pool.num_free == 8 and len(sched) == 0
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------------
+def test_admission_reuses_the_longest_cached_prefix_of_whole_blocks():
+    sched, pool = make(num_blocks=16)
+    a = seq("a", 10)
+    sched.add(a)
+    run_step(sched)
+    sched.finish(a, "stop")
+    b = Sequence("b", list(range(1, 9)) + [50, 51, 52], SamplingParams(max_tokens=100))  # shares 2 blocks
+    sched.add(b)
+    assert run_step(sched).num_new_tokens == [3]
+    assert b.num_cached_tokens == 8 and b.block_hashes[:2] == a.block_hashes[:2]
+    assert (sched.prefix_queries, sched.prefix_hits) == (10 + 11, 8)
+    sched.finish(b, "stop")
+    pool.check([])
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    sched, pool = make(num_blocks=16)
+    a = seq("a", 8)
+    sched.add(a)
+    run_step(sched)
+    b = seq("b", 8)  # the same 8 tokens: 2 full blocks cached, but the last token's logits are needed
+    sched.add(b)
+    batch = run_step(sched)
+    assert batch.num_new_tokens == [1, 4] and b.num_cached_tokens == 4
+    assert b.block_table[0] == a.block_table[0] and pool.ref_counts[a.block_table[0]] == 2
+    sched.finish(a, "stop")
+    sched.finish(b, "stop")
+    pool.check([])
+
+
+def test_different_tokens_or_caching_off_never_hit():
+    for caching, first in ((True, 2), (False, 1)):
+        sched, pool = make(num_blocks=16, caching=caching)
+        a = seq("a", 9)
+        sched.add(a)
+        run_step(sched)
+        b = seq("b", 9, first=first)
+        sched.add(b)
+        assert run_step(sched).num_new_tokens == [1, 9] and b.num_cached_tokens == 0
+        assert sched.prefix_hits == 0 and pool.num_cached == (4 if caching else 0)
+
+
+def test_a_preempted_sequence_finds_its_own_blocks_again():
+    sched, pool = make(num_blocks=4, block_size=4)
+    a, b = seq("a", 4), seq("b", 4, first=20)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(5):
+        run_step(sched)  # both hold two full, cached blocks and one token more
+    b_blocks = list(b.block_table)
+    batch = run_step(sched)  # 'a' needs a third block: 'b' is preempted, its blocks freed cached
+    assert [s.request_id for s in batch.seqs] == ["a"] and b.status is Status.WAITING
+    assert len(b.block_hashes) == 2  # hashes outlive preemption
+    # 'a' took the least recently used cached block: b's tail, freed first; its head survives.
+    assert a.block_table[2] == b_blocks[1] and pool.lookup(b.block_hashes) == b_blocks[:1]
+    sched.finish(a, "stop")
+    batch = run_step(sched)
+    assert [s.request_id for s in batch.seqs] == ["b"] and batch.num_new_tokens == [9 - 4]
+    assert b.block_table[0] == b_blocks[0]
+    sched.finish(b, "stop")
+    pool.check([])

@@ -21,10 +21,12 @@ class VLMError(RuntimeError):
 
 
 def grpc_inputs(prompt: str | None, images: list[bytes] = (), stream: bool = True, sampling: dict | None = None,
-                exclude_input: bool = True, returns: tuple[str, ...] = (), messages: str | None = None):
+                exclude_input: bool = True, returns: tuple[str, ...] = (), messages: str | None = None,
+                image_uuids: list[str] = ()):
     """The vlm request tensors; `returns` names optional outputs, e.g. ("finish_reason",).
 
-    `messages` (OpenAI chat JSON, rendered by the server with the checkpoint's template) replaces `prompt`."""
+    `messages` (OpenAI chat JSON, rendered by the server with the checkpoint's template) replaces `prompt`.
+    `image_uuids` names each image (b"" as its image: the one the server holds under that id)."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, array, dtype):
@@ -38,6 +40,8 @@ def grpc_inputs(prompt: str | None, images: list[bytes] = (), stream: bool = Tru
               tensor("exclude_input_in_output", np.array([exclude_input]), "BOOL")]
     if images:
         inputs.append(tensor("image", np.array(list(images), dtype=object), "BYTES"))
+    if image_uuids:
+        inputs.append(tensor("image_uuid", np.array([u.encode() for u in image_uuids], dtype=object), "BYTES"))
     if sampling is not None:
         inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=object), "BYTES"))
     inputs += [tensor(f"return_{name}", np.array([True]), "BOOL") for name in returns]

@@ -16,5 +16,6 @@ class EngineConfig:
     kv_cache_free_gpu_mem_fraction: float = 0.9
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: checkpoint's fp16/bf16 on cuda (fp16 if fp32), fp32 on cpu
+    enable_prefix_caching: int = 1  # 1: reuse the KV of cached full blocks (prompt prefixes, images); 0: never
     cuda_graphs: int = 1  # on cuda: 1 replays captured graphs for decode-only steps, 0 runs them eagerly (an int:
     # the Triton adapter casts its string parameters by field type, and bool("0") is True)

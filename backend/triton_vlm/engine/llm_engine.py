@@ -11,6 +11,7 @@ Should the loop end anyway, every request still waiting is answered, `dead_reaso
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import queue
@@ -28,7 +29,7 @@ from .model_runner import ModelRunner
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence, Status
+from .sequence import ImageSpan, Sequence, Status
 from .stats import EngineStats, FinishedRequest, IterationStats
 from .structured import Grammars
 
@@ -121,7 +122,8 @@ class LLMEngine:
         self.pool = BlockPool(self.runner.num_blocks)
         max_len = min(config.max_model_len or self.geometry.max_model_len, self.geometry.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(config.block_size, config.max_num_seqs,
-                                                   config.max_num_batched_tokens, max_len), self.pool)
+                                                   config.max_num_batched_tokens, max_len,
+                                                   bool(config.enable_prefix_caching)), self.pool)
         self.eos_ids = frozenset(self.geometry.eos_token_ids)
         from transformers import AutoTokenizer  # the checkpoint's own: text, stop strings, grammars
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -154,8 +156,13 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def make_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      image_embeds: torch.Tensor | None = None) -> Sequence:
-        """Validate a request and build its sequence; raises ValueError naming the bad field."""
+                      image_embeds: torch.Tensor | None = None, image_hashes: list[bytes] | None = None,
+                      image_rows: list[int] | None = None) -> Sequence:
+        """Validate a request and build its sequence; raises ValueError naming the bad field.
+
+        `image_rows` says how many of image_embeds' rows each image has (default: all rows one image),
+        `image_hashes` each image's content hash (default: a hash of its rows' bytes), for prefix caching.
+        """
         params.validate()
         vocab = self.geometry.text.vocab_size
         if not prompt_ids:
@@ -169,7 +176,9 @@ class LLMEngine:
             raise ValueError(f"image_embeds: expected [rows, {self.geometry.text.hidden_size}], got {list(image_embeds.shape)}")
         if rows != len(positions):
             raise ValueError(f"image_embeds: {rows} rows for {len(positions)} image placeholder tokens in input_ids")
-        seq = Sequence(request_id, list(prompt_ids), params, image_embeds=image_embeds, image_positions=positions)
+        spans = image_spans(image_embeds, image_hashes, image_rows)
+        seq = Sequence(request_id, list(prompt_ids), params, image_embeds=image_embeds, image_positions=positions,
+                       image_spans=spans)
         self.scheduler.check_admissible(seq)
         for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
@@ -207,7 +216,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(self.pool.num_blocks - self.pool.num_free, self.pool.num_blocks, len(s.running),
-                           len(s.waiting), s.num_preemptions, self.num_admitted)
+                           len(s.waiting), s.num_preemptions, self.num_admitted, s.prefix_queries, s.prefix_hits)
 
     def check(self) -> None:
         """Assert the block pool agrees with every live block table."""
@@ -316,6 +325,10 @@ class LLMEngine:
                     self._fail(seq, _describe("prompt logprobs failed", e))
                 row += n
             seq.num_computed += n
+            try:
+                self.scheduler.cache_computed(seq)
+            except Exception as e:  # noqa: BLE001  (this request only)
+                self._fail(seq, _describe("caching its blocks failed", e))  # its logits row is still in `done`
             if seq.num_computed == seq.num_tokens:
                 done.append(seq)
                 if not seq.forked:
@@ -393,6 +406,8 @@ class LLMEngine:
                              image_positions=seq.image_positions, prompt_len=seq.prompt_len, index=index, forked=True)
             child.bad_word_ids = seq.bad_word_ids
             child.arrival_time, child.scheduled_at = seq.arrival_time, seq.scheduled_at
+            child.block_hashes = seq.block_hashes[:full]
+            child.num_cached_blocks = min(full, seq.num_cached_blocks)
             child.matcher = None if seq.matcher is None else seq.matcher.deep_copy()
             self._prepare(child)
             children.append(child)
@@ -626,6 +641,27 @@ class LLMEngine:
                 self.on_death(reason)
             except Exception:  # noqa: BLE001
                 log.exception("on_death hook failed")
+
+
+def image_spans(embeds: torch.Tensor | None, hashes: list[bytes] | None, rows: list[int] | None) -> list[ImageSpan]:
+    """Each image's rows and content hash; raises ValueError naming the bad field."""
+    total = 0 if embeds is None else embeds.shape[0]
+    rows = [total] if rows is None and total else list(rows or [])
+    if any(r <= 0 for r in rows) or sum(rows) != total:
+        raise ValueError(f"image_rows: {rows} must be positive and add up to image_embeds' {total} rows")
+    if hashes is not None and len(hashes) != len(rows):
+        raise ValueError(f"image_hashes: {len(hashes)} hashes for {len(rows)} images (image_rows)")
+    spans, first = [], 0
+    for i, n in enumerate(rows):
+        # Without a hash from the caller, the rows themselves are the image's content.
+        h = hashes[i] if hashes is not None else _content_hash(embeds[first:first + n])
+        spans.append(ImageSpan(first, n, h))
+        first += n
+    return spans
+
+
+def _content_hash(rows: torch.Tensor) -> bytes:
+    return hashlib.sha256(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
 
 
 def _send(live: Live, out: RequestOutput) -> None:

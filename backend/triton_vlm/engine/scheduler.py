@@ -4,6 +4,11 @@ Each step, running sequences go first (one decode token each, or the next prefil
 then waiting ones are admitted in arrival order while the token budget and KV blocks last.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits again, to be recomputed from its tokens.
+
+With prefix caching, a sequence admitted with nothing computed (new, or preempted) first takes the
+longest prefix of its full blocks that the pool has cached, and computes from there; it always
+computes at least its last token, whose logits it needs. After each step, `cache_computed`
+registers the blocks that became full and computed.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    enable_prefix_caching: bool = True
 
 
 class Batch(NamedTuple):
@@ -35,6 +41,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache, and found there
+        self.prefix_hits = 0
         # A sequence never outgrows the whole pool, so one alone can always run.
         self.max_seq_len = min(config.max_model_len, pool.num_blocks * config.block_size)
 
@@ -77,9 +85,9 @@ class Scheduler:
         # Admitting new work right after a preemption would only thrash.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._reserve(seq, seq.num_computed + n):
+            if not self._admit(seq, budget):
                 break
+            n = min(seq.num_tokens - seq.num_computed, budget)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -98,6 +106,7 @@ class Scheduler:
                 q.remove(seq)
         self.pool.free(seq.block_table)
         seq.block_table = []
+        seq.num_cached_blocks = 0
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -116,10 +125,46 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Reserve blocks for a waiting sequence's next chunk, starting from its cached prefix when it has
+        nothing computed yet; False (and nothing taken) if the blocks are not there."""
+        bs = self.config.block_size
+        # Prompt logprobs need every prompt row's logits, so such a sequence computes them all.
+        looks = not seq.block_table and self.config.enable_prefix_caching and seq.params.prompt_logprobs is None
+        hits = self.pool.lookup(seq.full_block_hashes(bs)[:(seq.num_tokens - 1) // bs]) if looks else []
+        cached = len(hits) * bs  # the last token is always computed: its logits are needed
+        n = min(seq.num_tokens - max(cached, seq.num_computed), budget)
+        need = self._blocks_for(max(cached, seq.num_computed) + n) - len(hits) - len(seq.block_table)
+        if need > self.pool.num_free - self.pool.num_idle(hits):
+            return False
+        if looks:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += cached
+            if seq.num_generated == 0:
+                seq.num_cached_tokens = cached
+        if hits:
+            self.pool.reuse(hits)
+            seq.block_table = hits
+            seq.num_computed, seq.num_cached_blocks = cached, len(hits)
+        return self._reserve(seq, seq.num_computed + n)
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that are now full and computed, under their hashes."""
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        full = min(seq.num_computed // bs, len(seq.block_table))
+        if full <= seq.num_cached_blocks:
+            return
+        hashes = seq.full_block_hashes(bs)
+        for i in range(seq.num_cached_blocks, full):
+            self.pool.cache(seq.block_table[i], hashes[i])
+        seq.num_cached_blocks = full
+
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_table)
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_cached_blocks = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -16,6 +16,8 @@ class EngineStats(NamedTuple):
     num_waiting: int
     num_preemptions: int
     num_admitted: int = 0  # requests admitted so far: tells which of several engines took work
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int = 0  # of which found cached (whole blocks)
 
 
 class FinishedRequest(NamedTuple):

@@ -128,9 +128,14 @@ class TritonPythonModel:
             embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
         raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
         params = SamplingParams.from_json(raw)
+        # Per image: its rows in image_embeds and its content hash (prefix caching keys blocks by it).
+        hashes = optional_input(pb_utils, request, "image_hashes")
+        rows = optional_input(pb_utils, request, "image_rows")
         # The caller's id, when given, is what `abort` names; engine ids stay unique either way.
         request_id = request.request_id() or self.engine.new_request_id()
-        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds)
+        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds,
+                                         None if hashes is None else [bytes(h) for h in hashes.reshape(-1)],
+                                         None if rows is None else rows.reshape(-1).tolist())
 
     def finalize(self):
         self.engine.on_step = None

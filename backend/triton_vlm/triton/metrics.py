@@ -175,6 +175,10 @@ class EngineMetrics:
             ("kv_blocks_used", "KV cache blocks in use"), ("kv_blocks_total", "KV cache blocks in the pool"),
             ("requests_running", "requests in the running batch"), ("requests_waiting", "requests queued"),
             ("preemptions", "sequences preempted so far"), ("requests_admitted", "requests admitted so far"))]
+        self.prefix_cache = [f.metric(f"triton_vlm_{n}", d, counter, ours) for n, d in (
+            ("prefix_cache_queries_total", "prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hits_total", "prompt tokens found in the prefix cache (whole KV blocks)"))]
+        self._prefix_shown = [0, 0]
         self._lock = threading.Lock()
         self._state: EngineStats | None = None
         self._pending = IterationStats()
@@ -223,6 +227,9 @@ class EngineMetrics:
             self.requests[t].set(v)
         for g, v in zip(self.ours, s):
             g.set(v)
+        for i, (counter, total) in enumerate(zip(self.prefix_cache, (s.prefix_cache_queries, s.prefix_cache_hits))):
+            increment(counter, total - self._prefix_shown[i])  # the engine's totals only grow
+            self._prefix_shown[i] = total
 
     def stop(self) -> None:
         if self.publisher is not None:
@@ -231,7 +238,7 @@ class EngineMetrics:
 
 
 class VLMMetrics:
-    """The vlm stub's metrics: images per request and vision-encoder time."""
+    """The vlm stub's metrics: images per request, vision-encoder time, image-cache hits and misses."""
 
     def __init__(self, lock, labels: dict):
         self.families = f = Families(lock)
@@ -241,16 +248,22 @@ class VLMMetrics:
         self.vision = f.metric("triton_vlm_vision_encoder_seconds",
                                "Time of a request's vision_encoder calls, in seconds.", histogram, labels,
                                VISION_BUCKETS)
+        counter = pb_utils.MetricFamily.COUNTER
+        self.cache = [f.metric(f"triton_vlm_image_cache_{what}_total", f"images {how}", counter, labels)
+                      for what, how in (("hits", "found in the image cache"), ("misses", "embedded afresh"))]
+        self._cache_counts = [0, 0]
         self._lock = threading.Lock()
         self._images: list[int] = []
         self._vision: list[float] = []
         self.publisher = Publisher(lock, self._flush, "vlm-metrics") if f.enabled else None
 
-    def record_request(self, images: int, vision_s: float | None) -> None:
+    def record_request(self, images: int, vision_s: float | None, hits: int = 0, misses: int = 0) -> None:
         """From a request thread: plain data only."""
         if self.publisher is None:
             return
         with self._lock:
+            self._cache_counts[0] += hits
+            self._cache_counts[1] += misses
             self._images.append(images)
             if vision_s is not None:
                 self._vision.append(vision_s)
@@ -259,6 +272,9 @@ class VLMMetrics:
     def _flush(self) -> None:
         with self._lock:
             images, vision, self._images, self._vision = self._images, self._vision, [], []
+            counts, self._cache_counts = self._cache_counts, [0, 0]
+        for counter, n in zip(self.cache, counts):
+            increment(counter, n)
         observe(self.images, images)
         observe(self.vision, vision)
 

@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..engine.sampling_params import SamplingParams
+from ..image_cache import MAX_ID_CHARS, ImageCache, ImageRef, content_hash
 from ..limits import ServingLimits
 from ..messages import Media, parse_messages
 from ..preprocess import Preprocessor, as_image
@@ -41,10 +42,11 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Optional outputs a request asks for with `return_<name>`, as in Triton's vLLM backend.
 EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "cumulative_logprob", "logprobs",
                  "prompt_logprobs")
-INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "exclude_input_in_output",
+INPUTS = ("text_input", "messages", "image", "image_uuid", "sampling_parameters", "stream", "exclude_input_in_output",
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
-LLM_INPUT_NAMES = ("input_ids", "image_embeds", "sampling_parameters")  # how llm's input refusals begin
+# How llm's input refusals begin.
+LLM_INPUT_NAMES = ("input_ids", "image_embeds", "image_rows", "image_hashes", "sampling_parameters")
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 HEARTBEAT_S = 0.25  # the longest a request waits for llm before it checks on its client
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
@@ -63,7 +65,7 @@ STREAM_GRACE_S = 2.0
 class VLMRequest(NamedTuple):
     prompt: str
     prompt_field: str  # "text_input" or "messages", for errors
-    images: list[Media]  # in placeholder order; undecoded unless video frames
+    images: list[Media]  # in placeholder order; undecoded unless video frames; `image` elements as ImageRef
     stream: bool
     params: SamplingParams
     exclude_input: bool
@@ -322,6 +324,7 @@ class TritonPythonModel:
         # pool slot forever); at most max_concurrent_requests of them work at once.
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent_requests)
         self.llm_health = LLMHealth()
+        self.images = ImageCache(int(float(params.get("image_cache_mb") or 0) * 2 ** 20))
         self._in_flight: dict[str, InFlight] = {}
         self._admitted = 0
         self._admit_lock = threading.Lock()
@@ -397,14 +400,14 @@ class TritonPythonModel:
         req = self._parse(inputs)
         _check_stream_echo(inputs)
         input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
-        images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
-        self._check(reply)
-        started = time.monotonic()
-        embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
-        self.metrics.record_request(len(images), time.monotonic() - started if images else None)
+        if req.images:
+            images = self._image_embeds(req.images, reply)
+        else:
+            images = None
+            self.metrics.record_request(0, None)
         self._check(reply)
         request_id = uuid.uuid4().hex
-        outputs = llm_outputs(self.listener, lambda: self._llm_request(request_id, input_ids, req.params, embeds),
+        outputs = llm_outputs(self.listener, lambda: self._llm_request(request_id, input_ids, req.params, images),
                               request_id)
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
@@ -504,6 +507,7 @@ class TritonPythonModel:
         if len(blobs) > limits.max_images_per_request:
             raise ValueError(f"image: {len(blobs)} images exceed the limit of {limits.max_images_per_request} "
                              "per request (max_images_per_request)")
+        blobs = self._image_refs(blobs, inputs["image_uuid"])
         if inputs["messages"] is not None:
             if inputs["text_input"] is not None:
                 raise ValueError("messages: send either text_input or messages, not both")
@@ -546,12 +550,63 @@ class TritonPythonModel:
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
-    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds):
+    def _image_refs(self, blobs: list[bytes], uuids: np.ndarray | None) -> list[ImageRef]:
+        """Key each `image` element by its content hash; an element sent empty with an `image_uuid` is the
+        image the server holds under that id."""
+        ids = [] if uuids is None else [_as_bytes(u).decode("utf-8", "replace") for u in uuids.reshape(-1)]
+        if ids and len(ids) != len(blobs):
+            raise ValueError(f"image_uuid: {len(ids)} element(s) for {len(blobs)} image element(s); send one per "
+                             "image (empty for none)")
+        refs = []
+        for i, blob in enumerate(blobs):
+            image_id = ids[i] if ids else ""
+            if len(image_id) > MAX_ID_CHARS:
+                raise ValueError(f"image_uuid[{i}]: longer than {MAX_ID_CHARS} characters")
+            if blob or not image_id:
+                refs.append(ImageRef(content_hash(blob), blob, image_id))
+                continue
+            key = self.images.resolve(image_id)
+            if key is None:
+                raise ValueError(f"image_uuid[{i}]: unknown id {image_id!r}: no image is held under it (send the "
+                                 "image with the id once; ids last while the image cache keeps the image)")
+            refs.append(ImageRef(key, None, image_id))
+        return refs
+
+    def _image_embeds(self, media: list[Media], reply: Reply) -> list[tuple[str, np.ndarray]]:
+        """(content hash, embeddings [rows, D]) per image: from the image cache, or decoded, preprocessed and
+        embedded with one vision_encoder call for all the misses, which are then cached."""
+        refs = [m.data if isinstance(m.data, ImageRef) else ImageRef(content_hash(m.data), m.data) for m in media]
+        found = [self.images.get(r.key) for r in refs]
+        missing = [i for i, e in enumerate(found) if e is None]
+        for i in missing:
+            if refs[i].data is None:  # evicted since its id was resolved
+                raise ValueError(f"{media[i].field}: the image named by image_uuid {refs[i].image_id!r} is no "
+                                 "longer held; send it again")
+        if missing:
+            pil = [as_image(refs[i].data, media[i].field, self.limits.max_image_pixels) for i in missing]
+            self._check(reply)
+            started = time.monotonic()
+            embeds = self._embed_images(pil, [media[i].field for i in missing])
+            vision_s = time.monotonic() - started
+            for i, e in zip(missing, embeds):
+                found[i] = e
+                self.images.put(refs[i].key, e)
+        for r in refs:
+            if r.image_id:
+                self.images.name(r.image_id, r.key)
+        self.metrics.record_request(len(refs), vision_s if missing else None, hits=len(refs) - len(missing),
+                                    misses=len(missing))
+        return [(r.key, e) for r, e in zip(refs, found)]
+
+    def _llm_request(self, request_id: str, input_ids, params: SamplingParams,
+                     images: list[tuple[str, np.ndarray]] | None):
         inputs = [pb_utils.Tensor("input_ids", input_ids),
                   pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object)),
                   pb_utils.Tensor("reply_to", np.array([self.listener.path.encode()], dtype=object))]
-        if embeds is not None:
-            inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
+        if images:
+            inputs += [pb_utils.Tensor("image_embeds", np.concatenate([e for _, e in images])),
+                       pb_utils.Tensor("image_rows", np.array([len(e) for _, e in images], dtype=np.int64)),
+                       pb_utils.Tensor("image_hashes", np.array([k.encode() for k, _ in images], dtype=object))]
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                          requested_output_names=[])
 
