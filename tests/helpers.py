@@ -126,3 +126,69 @@ def stub_pids(server) -> dict[str, int]:
         if argv and argv[0].endswith("triton_python_backend_stub"):
             stubs[argv[-2]] = child.pid
     return stubs
+
+
+QWEN_PROMPTS = {
+    0: "<|im_start|>user\nTell me a story about a cat.<|im_end|>\n<|im_start|>assistant\n",
+    1: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in this picture?<|im_end|>\n"
+       "<|im_start|>assistant\n",
+    2: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and <|vision_start|><|image_pad|><|vision_end|>"
+       "How do they differ?<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+class QwenReference:
+    """transformers' own Qwen2-VL / Qwen2.5-VL: image processor (PIL), placeholder expansion as
+    Qwen2VLProcessor does it (grid t*h*w / merge^2 copies), positions by the model's get_rope_index."""
+
+    def __init__(self, checkpoint: Path):
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+        self.image_token_id = self.model.config.image_token_id
+
+    def inputs(self, prompt: str, images: list) -> dict:
+        import torch
+        from PIL import Image
+
+        from triton_vlm.preprocess import decode_image
+
+        pil = [img if isinstance(img, Image.Image) else decode_image(img) for img in images]
+        kw = {}
+        if pil:
+            out = self.image_processor(images=pil, return_tensors="pt")
+            kw = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            merge = self.image_processor.merge_size ** 2
+            parts = prompt.split("<|image_pad|>")
+            prompt = "".join(p + "<|image_pad|>" * int(g.prod() // merge) for p, g in zip(parts, out["image_grid_thw"]))
+            prompt += parts[-1]
+        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": (ids == self.image_token_id).int(), **kw}
+
+    def image_embeds(self, inputs: dict):
+        import torch
+
+        with torch.no_grad():
+            return torch.cat(self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).pooler_output)
+
+    def generate_ids(self, prompt: str, images: list, max_new_tokens: int) -> list[int]:
+        import torch
+
+        inputs = self.inputs(prompt, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def generate(self, prompt: str, images: list, max_new_tokens: int) -> str:
+        return self.tokenizer.decode(self.generate_ids(prompt, images, max_new_tokens), skip_special_tokens=True)
+
+
+def rng_pil(seed: int, height: int, width: int):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8"))
