@@ -126,3 +126,49 @@ def span_starts(input_ids: list[int], token_ids: tuple[int, ...], counts: list[i
     if len(at) != sum(counts):
         raise ValueError(f"input_ids: {len(at)} placeholder tokens for {sum(counts)} image tokens")
     return [at[k] for k in np.cumsum([0, *counts[:-1]])] if counts else []
+
+
+def vision_aux(grid_thw: np.ndarray, vision: QwenVisionGeometry, window_size: int = 0) -> dict[str, np.ndarray]:
+    """What the tower needs besides the patches, computed from the grids (transformers computes it inside
+    forward, in Python loops that an ONNX graph cannot hold):
+    - position_ids [patches, 2]: each patch's (row, column), patches ordered merge block by merge block;
+    - segment_ids [patches]: full attention stays within one frame of one image;
+    Qwen2.5-VL (window_size > 0) adds window attention:
+    - window_index [patches / merge**2]: merge blocks reordered window by window;
+    - window_segment_ids [patches]: which window each patch (in window order) attends within.
+    """
+    m = vision.merge_size
+    positions, segments, windows, window_segments = [], [], [], []
+    frames = blocks = n_windows = 0
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).tolist():
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block_order = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
+        positions.append(np.tile(np.stack([block_order(rows), block_order(cols)], axis=-1), (t, 1)))
+        segments.append(np.repeat(np.arange(frames, frames + t), h * w))
+        frames += t
+        if window_size:
+            order, sizes = _windows(t, h // m, w // m, window_size // m // vision.patch_size)
+            windows.append(order + blocks)
+            window_segments.append(np.repeat(np.arange(n_windows, n_windows + len(sizes)), np.asarray(sizes) * m * m))
+            n_windows += len(sizes)
+        blocks += t * (h // m) * (w // m)
+    aux = {"position_ids": np.concatenate(positions).astype(np.int64),
+           "segment_ids": np.concatenate(segments).astype(np.int64)}
+    if window_size:
+        aux["window_index"] = np.concatenate(windows).astype(np.int64)
+        aux["window_segment_ids"] = np.concatenate(window_segments).astype(np.int64)
+    return aux
+
+
+def _windows(t: int, gh: int, gw: int, size: int) -> tuple[np.ndarray, list[int]]:
+    """Merge blocks of one image in window order (windows of size x size blocks, row-major, per frame), and
+    each non-empty window's block count."""
+    index = np.arange(t * gh * gw).reshape(t, gh, gw)
+    order, sizes = [], []
+    for f in range(t):
+        for r in range(0, gh, size):
+            for c in range(0, gw, size):
+                window = index[f, r:r + size, c:c + size].reshape(-1)
+                order.append(window)
+                sizes.append(len(window))
+    return np.concatenate(order), sizes
