@@ -61,8 +61,8 @@ def test_system_is_honoured_where_the_template_has_it(pre):
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     chat = parse_messages(messages)
-    assert pre.chat_processor.apply_chat_template(chat.messages, chat_template=template, add_generation_prompt=True,
-                                                  tokenize=False) == "<system>Be brief.<user>Hi<assistant>"
+    assert pre.tokenizer.apply_chat_template(chat.messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False) == "<system>Be brief.<user>Hi<assistant>"
 
 
 def test_video_becomes_its_frames_in_placeholder_layout(pre):

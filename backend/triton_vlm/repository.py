@@ -46,20 +46,16 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
 
 
 def _build_vision(checkpoint: Path, model_dir: Path, geometry: ModelGeometry, options: BuildOptions) -> None:
-    from .export.vision import export_vision_onnx
+    """The family exports its tower and writes vision_encoder's config.pbtxt."""
+    family(geometry).build_vision(checkpoint, model_dir, geometry, options)
+    if options.vision_backend == "onnxruntime":  # the Python-backend adapter runs onnxruntime
+        shutil.copy2(ADAPTERS / model_dir.name / "1" / "model.py", model_dir / "1" / "model.py")
 
-    version = model_dir / "1"
-    if options.vision_backend == "tensorrt":
-        from .export.tensorrt import require_tensorrt, build_tensorrt_engine
 
-        require_tensorrt()  # fail before the slow export if TensorRT is missing
-        onnx_path = export_vision_onnx(checkpoint, model_dir / "vision.onnx")
-        build_tensorrt_engine(onnx_path, version / "model.plan", geometry.vision.image_size,
-                              options.vision_max_batch_size)
-        (model_dir / "config.pbtxt").write_text(vision_config(geometry, options))
-        return
-    export_vision_onnx(checkpoint, version / "model.onnx")
-    _write(model_dir, vision_config(geometry, options))
+def family(geometry: ModelGeometry):
+    from .families import FAMILIES
+
+    return FAMILIES[geometry.family]
 
 
 def _write(model_dir: Path, config: str) -> None:
@@ -67,29 +63,13 @@ def _write(model_dir: Path, config: str) -> None:
     shutil.copy2(ADAPTERS / model_dir.name / "1" / "model.py", model_dir / "1" / "model.py")
 
 
-def _params(values: dict) -> str:
+def params_text(values: dict) -> str:
+    """config.pbtxt string parameters."""
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
 
 
 def vision_config(g: ModelGeometry, o: BuildOptions) -> str:
-    size = g.vision.image_size
-    io = f"""input [ {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ {g.vision.num_channels}, {size}, {size} ] }} ]
-output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ {g.image_seq_len}, {g.text.hidden_size} ] }} ]
-max_batch_size: {o.vision_max_batch_size}
-dynamic_batching {{ max_queue_delay_microseconds: {o.vision_queue_delay_us} }}"""
-    if o.vision_backend == "tensorrt":
-        return f"""name: "vision_encoder"
-platform: "tensorrt_plan"
-default_model_filename: "model.plan"
-{io}
-instance_group [ {{ kind: KIND_GPU count: {o.vision_instances} }} ]
-"""
-    return f"""name: "vision_encoder"
-backend: "python"
-{io}
-instance_group [ {{ kind: KIND_CPU count: {o.vision_instances} }} ]
-{_params({"ort_intra_op_threads": o.ort_intra_op_threads})}
-"""
+    return family(g).vision_config(g, o)
 
 
 def llm_config(checkpoint: Path, o: BuildOptions) -> str:
@@ -100,6 +80,7 @@ model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
+  {{ name: "position_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "ping" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
@@ -114,7 +95,7 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params({"checkpoint": checkpoint, **o.llm})}
+{params_text({"checkpoint": checkpoint, **o.llm})}
 """
 
 
@@ -165,5 +146,5 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}
+{params_text({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}
 """

@@ -10,6 +10,7 @@ from helpers import QWEN_PROMPTS, rng_pil
 
 from triton_vlm.families import family_for, qwen2_vl
 from triton_vlm.geometry import ModelGeometry
+from triton_vlm.preprocess import Preprocessor
 
 
 def test_geometry_from_either_layout(qwen_checkpoint):
@@ -33,25 +34,48 @@ def test_unsupported_model_type_is_named_with_the_supported_ones(qwen_checkpoint
         family_for(tmp_path, cfg)
 
 
-def test_expansion_and_positions_match_hf(qwen_checkpoint, hf_qwen):
-    """Two images of different sizes and aspect ratios, text between and after them."""
-    g = ModelGeometry.from_checkpoint(qwen_checkpoint)
+def test_preprocessing_matches_hf(qwen_checkpoint, hf_qwen):
+    """Two images of different sizes and aspect ratios, text between and after them: the server's patches,
+    expanded input_ids and M-RoPE positions (and delta) equal transformers' own."""
+    pre = Preprocessor(qwen_checkpoint)
     images = [rng_pil(0, 90, 40), rng_pil(1, 50, 120)]  # portrait, landscape
-    vi = qwen2_vl.vision_inputs(qwen2_vl.image_processor(qwen_checkpoint), images, g.vision.merge_size)
-    assert vi.tokens[0] != vi.tokens[1]
+    request = pre.vision_request(images)
+    assert request.tokens[0] != request.tokens[1]
     ref = hf_qwen.inputs(QWEN_PROMPTS[2], images)
-    assert np.array_equal(vi.pixel_values, ref["pixel_values"].numpy())
-    ids = hf_qwen.tokenizer(qwen2_vl.expand_placeholders(QWEN_PROMPTS[2], g.image_token, vi.tokens))["input_ids"]
+    assert np.array_equal(request.inputs["pixel_values"], ref["pixel_values"].numpy())
+    assert np.array_equal(request.inputs["image_grid_thw"], ref["image_grid_thw"].numpy())
+    ids = pre.input_ids(QWEN_PROMPTS[2], request.tokens)
     assert ids == ref["input_ids"][0].tolist()
-    starts = qwen2_vl.span_starts(ids, (g.image_token_id,), vi.tokens)
-    ours = qwen2_vl.positions(ids, [(s, tuple(grid), 1) for s, grid in zip(starts, vi.grid_thw.tolist())],
-                              g.vision.merge_size)
+    ours = pre.positions(ids, request)
     expected, delta = hf_qwen.model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"],
-                                                         image_grid_thw=torch.tensor(vi.grid_thw))
+                                                         image_grid_thw=ref["image_grid_thw"])
     assert np.array_equal(ours, expected[:, 0].numpy())
     assert ours.max() + 1 - len(ids) == int(delta)
+    assert pre.positions(pre.input_ids(QWEN_PROMPTS[0], []), None) is None
 
 
-def test_placeholder_count_must_match():
-    with pytest.raises(ValueError, match="2 <|image_pad|> placeholder"):
-        qwen2_vl.expand_placeholders("<|image_pad|><|image_pad|>", "<|image_pad|>", [4])
+def test_chat_template_renders_one_placeholder_per_image(qwen_checkpoint):
+    pre = Preprocessor(qwen_checkpoint)
+    prompt = pre.chat_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}])
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                      "<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_vision_aux_matches_transformers(qwen_checkpoint):
+    """Rotary positions, frame segments and (Qwen2.5-VL) window order as transformers computes them."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    g = ModelGeometry.from_checkpoint(qwen_checkpoint)
+    grids = torch.tensor([[1, 22, 10], [2, 10, 24], [1, 16, 16]])
+    aux = qwen2_vl.vision_aux(grids.numpy(), g.vision)
+    assert np.array_equal(aux["position_ids"], get_vision_position_ids(grids, g.vision.merge_size).numpy())
+    cu = get_vision_cu_seqlens(grids).numpy()
+    assert np.array_equal(aux["segment_ids"], np.repeat(np.arange(len(cu) - 1), np.diff(cu)))
+    if g.vision.window_size:
+        index, cu_windows = get_vision_window_index(grids, g.vision.merge_size, g.vision.window_size,
+                                                    g.vision.patch_size)
+        assert np.array_equal(aux["window_index"], index.numpy())
+        cu_windows = cu_windows.numpy()
+        assert np.array_equal(aux["window_segment_ids"], np.repeat(np.arange(len(cu_windows) - 1), np.diff(cu_windows)))
+    else:
+        assert "window_index" not in aux

@@ -84,13 +84,13 @@ def _attention(attn, x, cos, sin, bias):
     return attn.proj(out.transpose(0, 1).reshape(n, -1))
 
 
-def example_inputs(encoder: QwenVisionEncoder, grids: list[tuple[int, int, int]], vision, window_size: int, seed=0):
+def example_inputs(encoder: QwenVisionEncoder, grids: list[tuple[int, int, int]], vision, seed=0):
     """Random patches for `grids` plus their vision_aux, as torch tensors in input order."""
     import numpy as np
 
     from ..families.qwen2_vl import vision_aux
 
-    aux = vision_aux(np.array(grids), vision, window_size)
+    aux = vision_aux(np.array(grids), vision)
     patches = sum(t * h * w for t, h, w in grids)
     pixels = torch.randn(patches, vision.patch_dim, generator=torch.Generator().manual_seed(seed))
     return (pixels, *(torch.from_numpy(aux[name]) for name in encoder.input_names[1:]))
@@ -104,9 +104,8 @@ def export_qwen_vision_onnx(checkpoint_dir: str | Path, onnx_path: str | Path, o
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     encoder = QwenVisionEncoder.from_checkpoint(checkpoint_dir)
     geometry = ModelGeometry.from_checkpoint(checkpoint_dir)
-    window = window_size(encoder)
     m = geometry.vision.merge_size
-    example = example_inputs(encoder, [(1, 2 * m, 3 * m), (1, 4 * m, 2 * m)], geometry.vision, window)
+    example = example_inputs(encoder, [(1, 2 * m, 3 * m), (1, 4 * m, 2 * m)], geometry.vision)
     patches = torch.export.Dim("patches", min=m * m, max=1 << 20)
     blocks = torch.export.Dim("blocks", min=1, max=(1 << 20) // (m * m))
     dims = {"pixel_values": {0: patches}, "position_ids": {0: patches}, "segment_ids": {0: patches}}
@@ -117,22 +116,18 @@ def export_qwen_vision_onnx(checkpoint_dir: str | Path, onnx_path: str | Path, o
                                     input_names=list(encoder.input_names), output_names=[OUTPUT_NAME],
                                     dynamic_shapes=dims)
     program.save(str(onnx_path), external_data=False)
-    verify(encoder, onnx_path, geometry.vision, window)
+    verify(encoder, onnx_path, geometry.vision)
     return onnx_path
 
 
-def window_size(encoder: QwenVisionEncoder) -> int:
-    return encoder.visual.window_size if encoder.windowed else 0
-
-
-def verify(encoder: QwenVisionEncoder, onnx_path: Path, vision, window: int, atol: float = 1e-4) -> None:
+def verify(encoder: QwenVisionEncoder, onnx_path: Path, vision, atol: float = 1e-4) -> None:
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     m = vision.merge_size
     for grids in ([(1, 6 * m, 2 * m), (1, 3 * m, 5 * m)], [(1, 2 * m, 2 * m)]):
-        inputs = example_inputs(encoder, grids, vision, window, seed=1)
+        inputs = example_inputs(encoder, grids, vision, seed=1)
         with torch.no_grad():
             expected = encoder(*inputs).numpy()
         (got,) = session.run([OUTPUT_NAME], {n: t.numpy() for n, t in zip(encoder.input_names, inputs)})

@@ -28,6 +28,7 @@ class QwenVisionGeometry:
     merge_size: int
     in_channels: int
     tokens_per_second: float  # Qwen2.5-VL: temporal positions per second of video
+    window_size: int  # Qwen2.5-VL: window attention over window_size x window_size pixels; 0: none (Qwen2-VL)
 
     @property
     def patch_dim(self) -> int:
@@ -48,18 +49,13 @@ def geometry(path: Path, cfg: dict) -> ModelGeometry:
     v = cfg.get("vision_config") or {}
     version = "2.5" if cfg["model_type"] == "qwen2_5_vl" else "2"
     vision = QwenVisionGeometry(version, v.get("patch_size", 14), v.get("temporal_patch_size", 2),
-                                v.get("spatial_merge_size", 2), v.get("in_channels", 3), v.get("tokens_per_second", 2))
+                                v.get("spatial_merge_size", 2), v.get("in_channels", 3), v.get("tokens_per_second", 2),
+                                v.get("window_size", 112) if version == "2.5" else 0)
     return ModelGeometry(
         text=text, vision=vision, image_token="<|image_pad|>", image_token_id=cfg.get("image_token_id", 151655),
         vision_feature_layer=-1, vision_feature_select_strategy="full", eos_token_ids=eos_ids(path, text_cfg),
         dtype=cfg.get("dtype") or cfg.get("torch_dtype") or text_cfg.get("dtype") or "float32", family="qwen2_vl",
         video_token="<|video_pad|>", video_token_id=cfg.get("video_token_id", 151656))
-
-
-def image_processor(checkpoint: str | Path):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
 
 
 def chat_template(checkpoint: str | Path) -> str | None:
@@ -72,27 +68,46 @@ def chat_template(checkpoint: str | Path) -> str | None:
     return None
 
 
-class VisionInputs:
-    """One request's images (or one video's frame groups) as vision_encoder inputs."""
+def load_image_processor(checkpoint: str | Path):
+    """Qwen2VLImageProcessor's PIL path: the default one needs torchvision."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    def __init__(self, pixel_values: np.ndarray, grid_thw: np.ndarray, merge_size: int):
-        self.pixel_values = pixel_values  # [patches, patch_dim] float32
-        self.grid_thw = grid_thw  # [images, 3] int64
-        self.tokens = [int(t * h * w) // merge_size ** 2 for t, h, w in grid_thw]  # tokens per image
+    return Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
 
 
-def vision_inputs(processor, images: list, merge_size: int) -> VisionInputs:
-    out = processor(images=images, return_tensors="np")
-    return VisionInputs(np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
-                        np.asarray(out["image_grid_thw"], dtype=np.int64), merge_size)
+def load_chat(checkpoint: str | Path, tokenizer):
+    """The chat template rendered by the tokenizer (AutoProcessor would want torchvision); None without one."""
+    template = chat_template(checkpoint)
+    if template is None:
+        return None
+    return lambda messages: tokenizer.apply_chat_template(messages, chat_template=template,
+                                                          add_generation_prompt=True, tokenize=False)
 
 
-def expand_placeholders(text: str, token: str, counts: list[int]) -> str:
-    """The i-th placeholder becomes counts[i] copies of it (as Qwen2VLProcessor does)."""
-    pieces = text.split(token)
-    if len(pieces) - 1 != len(counts):
-        raise ValueError(f"{len(pieces) - 1} {token} placeholder(s) for {len(counts)} image(s)")
-    return "".join(p + token * n for p, n in zip(pieces, counts)) + pieces[-1]
+def vision_request(image_processor, geometry: ModelGeometry, images: list, fields: list[str], max_pixels: int):
+    """vision_encoder inputs (pixel_values [patches, patch_dim], image_grid_thw [images, 3]) and the tokens
+    per image. The processor bounds every image by its own max_pixels, so no input can blow up its size."""
+    from ..preprocess import VisionRequest
+
+    out = image_processor(images=images, return_tensors="np")
+    grids = np.asarray(out["image_grid_thw"], dtype=np.int64)
+    inputs = {"pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32), "image_grid_thw": grids}
+    return VisionRequest(inputs, [int(t * h * w) // geometry.vision.merge_size ** 2 for t, h, w in grids])
+
+
+def vision_batches(inputs: dict[str, np.ndarray], max_batch: int) -> list[dict[str, np.ndarray]]:
+    """One vision_encoder call per request: its rows are ragged (patches per image vary)."""
+    return [inputs]
+
+
+def request_positions(input_ids: list[int], geometry: ModelGeometry, request) -> np.ndarray | None:
+    """M-RoPE positions of a prompt whose placeholders were expanded for `request`; None without images
+    (then positions are the indexes in all three rows, which the engine does by default)."""
+    if not request.tokens:
+        return None
+    starts = span_starts(input_ids, (geometry.image_token_id,), request.tokens)
+    grids = request.inputs["image_grid_thw"].tolist()
+    return positions(input_ids, [(s, tuple(g), 1) for s, g in zip(starts, grids)], geometry.vision.merge_size)
 
 
 def positions(input_ids: list[int], spans: list[tuple[int, tuple[int, int, int], float]], merge_size: int
@@ -128,16 +143,16 @@ def span_starts(input_ids: list[int], token_ids: tuple[int, ...], counts: list[i
     return [at[k] for k in np.cumsum([0, *counts[:-1]])] if counts else []
 
 
-def vision_aux(grid_thw: np.ndarray, vision: QwenVisionGeometry, window_size: int = 0) -> dict[str, np.ndarray]:
+def vision_aux(grid_thw: np.ndarray, vision: QwenVisionGeometry) -> dict[str, np.ndarray]:
     """What the tower needs besides the patches, computed from the grids (transformers computes it inside
     forward, in Python loops that an ONNX graph cannot hold):
     - position_ids [patches, 2]: each patch's (row, column), patches ordered merge block by merge block;
     - segment_ids [patches]: full attention stays within one frame of one image;
-    Qwen2.5-VL (window_size > 0) adds window attention:
+    Qwen2.5-VL (vision.window_size > 0) adds window attention:
     - window_index [patches / merge**2]: merge blocks reordered window by window;
     - window_segment_ids [patches]: which window each patch (in window order) attends within.
     """
-    m = vision.merge_size
+    m, window_size = vision.merge_size, vision.window_size
     positions, segments, windows, window_segments = [], [], [], []
     frames = blocks = n_windows = 0
     for t, h, w in np.asarray(grid_thw, dtype=np.int64).tolist():
@@ -172,3 +187,32 @@ def _windows(t: int, gh: int, gw: int, size: int) -> tuple[np.ndarray, list[int]
                 order.append(window)
                 sizes.append(len(window))
     return np.concatenate(order), sizes
+
+
+def build_vision(checkpoint: Path, model_dir: Path, g: ModelGeometry, options) -> None:
+    """Tower + merger to ONNX (dynamic patch count), served by the Python backend with onnxruntime."""
+    from ..export.qwen2_vl_vision import export_qwen_vision_onnx
+
+    if options.vision_backend != "onnxruntime":
+        raise ValueError(f"--vision-backend {options.vision_backend}: {g.family} checkpoints serve their vision "
+                         "encoder with onnxruntime only (its inputs are computed from image_grid_thw in Python); "
+                         "use --vision-backend onnxruntime")
+    export_qwen_vision_onnx(checkpoint, model_dir / "1" / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(vision_config(g, options, checkpoint))
+
+
+def vision_config(g: ModelGeometry, o, checkpoint: Path | None = None) -> str:
+    """No dynamic batching: a request's rows are its images' patches, ragged, with no batch axis to stack on."""
+    from ..repository import params_text
+
+    return f"""name: "vision_encoder"
+backend: "python"
+max_batch_size: 0
+input [
+  {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ -1, {g.vision.patch_dim} ] }},
+  {{ name: "image_grid_thw" data_type: TYPE_INT64 dims: [ -1, 3 ] }}
+]
+output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, {g.text.hidden_size} ] }} ]
+instance_group [ {{ kind: KIND_CPU count: {o.vision_instances} }} ]
+{params_text({"ort_intra_op_threads": o.ort_intra_op_threads, "checkpoint": checkpoint or ""})}
+"""

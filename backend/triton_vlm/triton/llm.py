@@ -92,11 +92,14 @@ class TritonPythonModel:
         embeds = optional_input(pb_utils, request, "image_embeds")
         if embeds is not None:
             embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
+        positions = optional_input(pb_utils, request, "position_ids")
+        if positions is not None:
+            positions = torch.tensor(positions, dtype=torch.long)  # copy out of shm
         raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
         params = SamplingParams.from_json(raw)
         # The caller's id, when given, is what `abort` names; engine ids stay unique either way.
         request_id = request.request_id() or self.engine.new_request_id()
-        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds)
+        return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds, positions)
 
     def finalize(self):
         self.engine.on_step = None

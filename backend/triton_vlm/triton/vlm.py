@@ -43,7 +43,7 @@ INPUTS = ("text_input", "messages", "image", "sampling_parameters", "stream", "e
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
 LLM_OUTPUTS = ["output_ids", "finish_reason", "index", "text_output", "logprobs", "cumulative_logprob",
                "prompt_logprobs"]
-LLM_INPUT_NAMES = ("input_ids", "image_embeds", "sampling_parameters")  # how llm's input refusals begin
+LLM_INPUT_NAMES = ("input_ids", "image_embeds", "position_ids", "sampling_parameters")  # how llm's input refusals begin
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
 PING_TIMEOUT_S = 5.0
@@ -385,14 +385,17 @@ class TritonPythonModel:
         self._check(reply)  # it may have been cancelled while queued
         req = self._parse(inputs)
         _check_stream_echo(inputs)
-        input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
         images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
+        vision = self.pre.vision_request(images, self.limits.max_image_pixels, [m.field for m in req.images]) \
+            if images else None
+        input_ids = self._tokenize(req, vision)  # refuse over-long prompts before any vision_encoder work
+        positions = self.pre.positions(input_ids.tolist(), vision)
         self._check(reply)
-        embeds = self._embed_images(images, [m.field for m in req.images]) if images else None
+        embeds = self._embed_images(vision) if vision else None
         self._check(reply)
         request_id = uuid.uuid4().hex
         with PB_LOCK:
-            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds))
+            outputs = llm_outputs(self._llm_request(request_id, input_ids, req.params, embeds, positions))
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
         try:
@@ -524,18 +527,20 @@ class TritonPythonModel:
                              f"for {len(chat.media)} image(s) (video frames included)")
         return prompt, chat.media
 
-    def _tokenize(self, req: VLMRequest) -> np.ndarray:
-        ids = np.asarray(self.pre.input_ids(req.prompt), dtype=np.int64)
+    def _tokenize(self, req: VLMRequest, vision) -> np.ndarray:
+        ids = np.asarray(self.pre.input_ids(req.prompt, vision.tokens if vision else []), dtype=np.int64)
         if len(ids) > self.limits.max_prompt_tokens:
             raise RequestError(f"{req.prompt_field}: prompt has {len(ids)} tokens (image tokens included); at most "
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
         return ids
 
-    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds):
+    def _llm_request(self, request_id: str, input_ids, params: SamplingParams, embeds, positions):
         inputs = [pb_utils.Tensor("input_ids", input_ids),
                   pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object))]
         if embeds is not None:
             inputs.append(pb_utils.Tensor("image_embeds", embeds.reshape(-1, embeds.shape[-1])))
+        if positions is not None:  # the family's (M-RoPE), where they are not the token indexes
+            inputs.append(pb_utils.Tensor("position_ids", np.ascontiguousarray(positions, dtype=np.int64)))
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                          requested_output_names=LLM_OUTPUTS)
 
@@ -546,13 +551,12 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001  (a dead llm has nothing left to free)
             log_error(f"vlm: could not abort llm request {request_id}: {e}")
 
-    def _embed_images(self, images, fields: list[str]) -> np.ndarray:
-        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels, fields=fields)
-        chunks = []
-        for start in range(0, len(pixels), self.vision_max_batch):
-            batch = pixels[start:start + self.vision_max_batch]
-            chunks.append(_encode(batch, self.limits.vision_timeout_s))
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+    def _embed_images(self, vision) -> np.ndarray:
+        """Image rows in placeholder order, from as few vision_encoder calls as the family allows."""
+        chunks = [_encode(inputs, self.limits.vision_timeout_s)
+                  for inputs in self.pre.family.vision_batches(vision.inputs, self.vision_max_batch)]
+        embeds = np.concatenate(chunks).astype(np.float32, copy=False)
+        return embeds.reshape(-1, embeds.shape[-1])
 
 
 def log_error(message: str) -> None:
@@ -560,10 +564,10 @@ def log_error(message: str) -> None:
         pb_utils.Logger.log_error(message)
 
 
-def _encode(pixels: np.ndarray, timeout_s: float) -> np.ndarray:
+def _encode(inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
     with PB_LOCK:
         request = pb_utils.InferenceRequest(model_name="vision_encoder", requested_output_names=["image_embeds"],
-                                            inputs=[pb_utils.Tensor("pixel_values", pixels)],
+                                            inputs=[pb_utils.Tensor(name, a) for name, a in inputs.items()],
                                             timeout=int(timeout_s * 1e6))
     # Not under PB_LOCK: concurrent calls are what lets vision_encoder batch across requests.
     response = request.exec()
