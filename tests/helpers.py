@@ -187,8 +187,44 @@ class QwenReference:
     def generate(self, prompt: str, images: list, max_new_tokens: int) -> str:
         return self.tokenizer.decode(self.generate_ids(prompt, images, max_new_tokens), skip_special_tokens=True)
 
+    def generate_video(self, prompt: str, frames: list, max_new_tokens: int, fps: float = 2.0) -> str:
+        """One <|video_pad|> placeholder in `prompt`, the video's sampled frames taken `fps` apart."""
+        import torch
+
+        pixels, grid = qwen_video_patches(self.image_processor, frames)
+        n = int(grid.prod()) // self.image_processor.merge_size ** 2
+        ids = torch.tensor([self.tokenizer(prompt.replace("<|video_pad|>", "<|video_pad|>" * n))["input_ids"]])
+        kw = {}
+        if self.model.config.model_type == "qwen2_5_vl":
+            kw["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / fps])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
+                                      video_grid_thw=grid, mm_token_type_ids=2 * (ids == self.model.config.video_token_id).int(),
+                                      max_new_tokens=max_new_tokens, do_sample=False, **kw)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
 
 def rng_pil(seed: int, height: int, width: int):
     from PIL import Image
 
     return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8"))
+
+
+def qwen_video_patches(image_processor, frames) -> tuple:
+    """pixel_values_videos and video_grid_thw of one video, laid out as transformers' Qwen2VLVideoProcessor
+    does (its module needs torchvision, so its patchify is restated here): frames resized as the image
+    processor resizes, rescaled and normalised; the last frame repeated to fill the final temporal group."""
+    import torch
+    from PIL import Image
+
+    p, m, tp = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    grid = image_processor(images=[frames[0]], return_tensors="np")["image_grid_thw"][0]
+    height, width = int(grid[1]) * p, int(grid[2]) * p
+    mean, std = np.array(image_processor.image_mean), np.array(image_processor.image_std)
+    arrays = [((np.asarray(f.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
+                * image_processor.rescale_factor - mean) / std).transpose(2, 0, 1) for f in frames]
+    arrays += [arrays[-1]] * (-len(arrays) % tp)
+    video = torch.tensor(np.stack(arrays)[None], dtype=torch.float32)  # [1, frames, C, H, W]
+    gt, gh, gw = video.shape[1] // tp, height // p, width // p
+    patches = video.view(1, gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return patches.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]])

@@ -145,14 +145,17 @@ class VisionRequest(NamedTuple):
     """One request's images as its family's vision_encoder inputs, and how many tokens each image takes."""
     inputs: dict[str, np.ndarray]
     tokens: list[int]
+    # M-RoPE families: per image or video, how far its temporal position moves per temporal grid step.
+    time_intervals: list[float] = []
 
 
-def expand_placeholders(text: str, token: str, counts: list[int]) -> str:
-    """The i-th placeholder becomes counts[i] copies of it, as the HF processors do."""
-    pieces = text.split(token)
-    if len(pieces) - 1 != len(counts):
-        raise ValueError(f"{len(pieces) - 1} {token} placeholder(s) for {len(counts)} image(s)")
-    return "".join(p + token * n for p, n in zip(pieces, counts)) + pieces[-1]
+def expand_placeholders(text: str, tokens: tuple[str, ...], counts: list[int]) -> str:
+    """The i-th placeholder (any of `tokens`: image, video) becomes counts[i] copies of it, as HF processors do."""
+    pieces = re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)
+    texts, found = pieces[::2], pieces[1::2]
+    if len(found) != len(counts):
+        raise ValueError(f"{len(found)} {'/'.join(tokens)} placeholder(s) for {len(counts)} image(s) or video(s)")
+    return "".join(t + token * n for t, token, n in zip(texts, found, counts)) + texts[-1]
 
 
 class Preprocessor:
@@ -176,8 +179,14 @@ class Preprocessor:
     def image_token(self) -> str:
         return self.geometry.image_token
 
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The image token, and the video token where the family takes videos natively."""
+        video = self.geometry.video_token
+        return (self.image_token, video) if video else (self.image_token,)
+
     def count_placeholders(self, text: str) -> int:
-        return text.count(self.image_token)
+        return sum(text.count(token) for token in self.placeholders)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The checkpoint's own chat template over messages.parse_messages' output, generation prompt added."""
@@ -188,9 +197,10 @@ class Preprocessor:
         except Exception as e:  # noqa: BLE001  jinja's own errors, e.g. a template that demands alternating roles
             raise ValueError(f"messages: the checkpoint's chat template refused them ({e})") from None
 
-    def vision_request(self, images: list[Image.Image], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    def vision_request(self, images: list[Image.Image | list[Image.Image]], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                        fields: list[str] | None = None) -> VisionRequest:
-        """images[i] is the request's image[i] (or fields[i]); bad ones raise ValueError naming the field."""
+        """images[i] is the request's image[i] (or fields[i]), or a native video's frames; bad ones raise
+        ValueError naming the field."""
         fields = fields or [f"image[{i}]" for i in range(len(images))]
         return self.family.vision_request(self.image_processor, self.geometry, images, fields, max_pixels)
 
@@ -202,7 +212,7 @@ class Preprocessor:
         """Each placeholder becomes its image's tokens (tokens[i]; LLaVA: image_seq_len each), then tokenize."""
         if tokens is None:
             tokens = [self.geometry.image_seq_len] * self.count_placeholders(text)
-        expanded = expand_placeholders(text, self.image_token, tokens)
+        expanded = expand_placeholders(text, self.placeholders, tokens)
         with self._encode_lock:
             return self.tokenizer(expanded)["input_ids"]
 

@@ -83,3 +83,24 @@ def test_concurrent_requests_of_different_sizes_equal_their_solo_outputs(qwen_se
     while metric(qwen_server, "triton_vlm_kv_blocks_used") != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(qwen_server, "triton_vlm_kv_blocks_used") == 0
+
+
+def test_native_video_equals_hf(qwen_server, hf_qwen):
+    """A short video as Qwen2-VL takes it: frames grouped by temporal_patch_size (5 frames: the last repeated),
+    one <|video_pad|> run with video_grid_thw, 3-D positions along time."""
+    import base64
+    import json
+
+    from test_video import make_video
+
+    from triton_vlm.video import sample_frames
+
+    video = make_video(20, size=40)
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, "num_frames": 5}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    out = client.complete(qwen_server.grpc_url, client.grpc_inputs(None, [], True, GREEDY,
+                                                                    messages=json.dumps(messages))).text
+    prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+              "<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n")
+    assert out == hf_qwen.generate_video(prompt, sample_frames(video, 5), MAX_TOKENS)

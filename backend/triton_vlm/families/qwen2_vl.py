@@ -18,6 +18,8 @@ import numpy as np
 from ..geometry import ModelGeometry, eos_ids, read_json, text_geometry
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+NATIVE_VIDEO = True  # a video is one <|video_pad|> run: frames grouped by temporal_patch_size
+VIDEO_FPS = 2.0  # sampled video frames are taken as this far apart in time (Qwen2.5-VL's temporal positions)
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,49 @@ def load_chat(checkpoint: str | Path, tokenizer):
                                                           add_generation_prompt=True, tokenize=False)
 
 
-def vision_request(image_processor, geometry: ModelGeometry, images: list, fields: list[str], max_pixels: int):
-    """vision_encoder inputs (pixel_values [patches, patch_dim], image_grid_thw [images, 3]) and the tokens
-    per image. The processor bounds every image by its own max_pixels, so no input can blow up its size."""
+def vision_request(image_processor, geometry: ModelGeometry, items: list, fields: list[str], max_pixels: int):
+    """vision_encoder inputs for images and native videos (a list of frames) in prompt order: pixel_values
+    [patches, patch_dim] and image_grid_thw [items, 3]; also tokens per item and each one's temporal step.
+    The processor bounds every image by its own max_pixels, so no input can blow up its size."""
     from ..preprocess import VisionRequest
 
-    out = image_processor(images=images, return_tensors="np")
-    grids = np.asarray(out["image_grid_thw"], dtype=np.int64)
-    inputs = {"pixel_values": np.ascontiguousarray(out["pixel_values"], dtype=np.float32), "image_grid_thw": grids}
-    return VisionRequest(inputs, [int(t * h * w) // geometry.vision.merge_size ** 2 for t, h, w in grids])
+    v = geometry.vision
+    patches, grids, intervals = [], [], []
+    for item in items:
+        rows, grid = _video_patches(image_processor, item, v) if isinstance(item, list) else \
+            _image_patches(image_processor, item)
+        patches.append(rows)
+        grids.append(grid)
+        # Qwen2.5-VL spaces a video's temporal positions by seconds (frames assumed VIDEO_FPS apart);
+        # Qwen2-VL by one per temporal step. A still image has one step, so its interval never counts.
+        step = v.tokens_per_second * v.temporal_patch_size / VIDEO_FPS if v.version == "2.5" else 1
+        intervals.append(step if isinstance(item, list) else 1)
+    grids = np.asarray(grids, dtype=np.int64)
+    inputs = {"pixel_values": np.ascontiguousarray(np.concatenate(patches), dtype=np.float32),
+              "image_grid_thw": grids}
+    return VisionRequest(inputs, [int(t * h * w) // v.merge_size ** 2 for t, h, w in grids], intervals)
+
+
+def _image_patches(image_processor, image) -> tuple[np.ndarray, list[int]]:
+    out = image_processor(images=[image], return_tensors="np")
+    return out["pixel_values"], out["image_grid_thw"][0].tolist()
+
+
+def _video_patches(image_processor, frames: list, v: QwenVisionGeometry) -> tuple[np.ndarray, list[int]]:
+    """Frames resized and normalised as images, then each temporal_patch_size consecutive frames (the last
+    repeated to fill the final group) stacked into one cube per patch, as Qwen2-VL's video processor lays out
+    pixel_values_videos: rows by (group, merge block, patch), features (channel, frame, y, x)."""
+    per_frame = []
+    for frame in frames:
+        rows, (_, h, w) = _image_patches(image_processor, frame)
+        # An image's rows hold the frame temporal_patch_size times over: keep one copy.
+        per_frame.append(rows.reshape(len(rows), v.in_channels, v.temporal_patch_size, -1)[:, :, 0])
+    if len({f.shape for f in per_frame}) != 1:
+        raise ValueError("video: frames of different sizes")
+    per_frame += [per_frame[-1]] * (-len(per_frame) % v.temporal_patch_size)
+    groups = [np.stack(per_frame[i:i + v.temporal_patch_size], axis=2)
+              for i in range(0, len(per_frame), v.temporal_patch_size)]
+    return np.concatenate([g.reshape(len(g), -1) for g in groups]), [len(groups), h, w]
 
 
 def vision_batches(inputs: dict[str, np.ndarray], max_batch: int) -> list[dict[str, np.ndarray]]:
@@ -105,9 +141,10 @@ def request_positions(input_ids: list[int], geometry: ModelGeometry, request) ->
     (then positions are the indexes in all three rows, which the engine does by default)."""
     if not request.tokens:
         return None
-    starts = span_starts(input_ids, (geometry.image_token_id,), request.tokens)
+    starts = span_starts(input_ids, (geometry.image_token_id, geometry.video_token_id), request.tokens)
     grids = request.inputs["image_grid_thw"].tolist()
-    return positions(input_ids, [(s, tuple(g), 1) for s, g in zip(starts, grids)], geometry.vision.merge_size)
+    return positions(input_ids, list(zip(starts, map(tuple, grids), request.time_intervals)),
+                     geometry.vision.merge_size)
 
 
 def positions(input_ids: list[int], spans: list[tuple[int, tuple[int, int, int], float]], merge_size: int

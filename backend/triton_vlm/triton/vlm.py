@@ -385,7 +385,8 @@ class TritonPythonModel:
         self._check(reply)  # it may have been cancelled while queued
         req = self._parse(inputs)
         _check_stream_echo(inputs)
-        images = [as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
+        images = [[as_image(f, m.field, self.limits.max_image_pixels) for f in m.data] if isinstance(m.data, list)
+                  else as_image(m.data, m.field, self.limits.max_image_pixels) for m in req.images]
         vision = self.pre.vision_request(images, self.limits.max_image_pixels, [m.field for m in req.images]) \
             if images else None
         input_ids = self._tokenize(req, vision)  # refuse over-long prompts before any vision_encoder work
@@ -517,14 +518,16 @@ class TritonPythonModel:
         return prompt, [Media(f"image[{i}]", b) for i, b in enumerate(blobs)]
 
     def _chat(self, raw: str, blobs: list[bytes]) -> tuple[str, list[Media]]:
-        """OpenAI messages through the checkpoint's chat template; video frames count as images."""
+        """OpenAI messages through the checkpoint's chat template; video frames count as images (a family with
+        native video gets each video as one placeholder and one Media of frames)."""
         chat = parse_messages(raw, blobs, image_token=self.pre.image_token,
-                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels)
+                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels,
+                              native_video=self.pre.family.NATIVE_VIDEO)
         prompt = self.pre.chat_prompt(chat.messages)
         n_slots = self.pre.count_placeholders(prompt)
         if n_slots != len(chat.media):
-            raise ValueError(f"messages: the chat template rendered {n_slots} {self.pre.image_token} placeholder(s) "
-                             f"for {len(chat.media)} image(s) (video frames included)")
+            raise ValueError(f"messages: the chat template rendered {n_slots} {'/'.join(self.pre.placeholders)} "
+                             f"placeholder(s) for {len(chat.media)} image(s) or video(s)")
         return prompt, chat.media
 
     def _tokenize(self, req: VLMRequest, vision) -> np.ndarray:
