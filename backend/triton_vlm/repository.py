@@ -34,6 +34,10 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
     checkpoint = Path(checkpoint).resolve()
     output = Path(output).resolve()
     geometry = ModelGeometry.from_checkpoint(checkpoint)
+    served_by = family(geometry).VISION_BACKENDS
+    if options.vision_backend not in served_by:  # refuse before touching the output
+        raise ValueError(f"--vision-backend {options.vision_backend}: {geometry.family} checkpoints serve their vision "
+                         f"encoder with {' or '.join(served_by)} only")
     for name in ("vision_encoder", "llm", "vlm"):
         if (output / name).exists():
             shutil.rmtree(output / name)

@@ -11,6 +11,7 @@ import numpy as np
 from ..geometry import ModelGeometry, VisionGeometry, eos_ids, image_token, text_geometry
 
 MODEL_TYPES = ("llava",)
+VISION_BACKENDS = ("onnxruntime", "tensorrt")
 NATIVE_VIDEO = False  # a video is sent as its frames, one image placeholder each
 
 

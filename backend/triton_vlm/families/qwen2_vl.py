@@ -18,6 +18,9 @@ import numpy as np
 from ..geometry import ModelGeometry, eos_ids, read_json, text_geometry
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# The Python backend computes the tower's other inputs (rotary positions, segments, windows) from image_grid_thw;
+# a TensorRT plan would need them sent in (see README).
+VISION_BACKENDS = ("onnxruntime",)
 NATIVE_VIDEO = True  # a video is one <|video_pad|> run: frames grouped by temporal_patch_size
 VIDEO_FPS = 2.0  # sampled video frames are taken as this far apart in time (Qwen2.5-VL's temporal positions)
 
@@ -230,10 +233,6 @@ def build_vision(checkpoint: Path, model_dir: Path, g: ModelGeometry, options) -
     """Tower + merger to ONNX (dynamic patch count), served by the Python backend with onnxruntime."""
     from ..export.qwen2_vl_vision import export_qwen_vision_onnx
 
-    if options.vision_backend != "onnxruntime":
-        raise ValueError(f"--vision-backend {options.vision_backend}: {g.family} checkpoints serve their vision "
-                         "encoder with onnxruntime only (its inputs are computed from image_grid_thw in Python); "
-                         "use --vision-backend onnxruntime")
     export_qwen_vision_onnx(checkpoint, model_dir / "1" / "model.onnx")
     (model_dir / "config.pbtxt").write_text(vision_config(g, options, checkpoint))
 
