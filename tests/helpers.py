@@ -228,3 +228,14 @@ def qwen_video_patches(image_processor, frames) -> tuple:
     gt, gh, gw = video.shape[1] // tp, height // p, width // p
     patches = video.view(1, gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
     return patches.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]])
+
+
+def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], sampling: dict) -> str:
+    """vlm's whole text output over gRPC or HTTP, streamed or not."""
+    from triton_vlm import client
+
+    if protocol == "grpc":
+        return client.generate_grpc(server.grpc_url, prompt, images, sampling, stream=stream)
+    if stream:
+        return "".join(client.stream_http(server.http_url, prompt, images, sampling))
+    return client.generate_http(server.http_url, prompt, images, sampling)

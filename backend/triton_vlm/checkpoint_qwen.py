@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import DEFAULT_CORPUS
+from .checkpoint import DEFAULT_CORPUS, train_bpe
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -35,17 +35,10 @@ QWEN_CORPUS = [*DEFAULT_CORPUS, "<|im_start|>user\nWhat is this?<|im_end|>\n<|im
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     """A byte-level BPE tokenizer with Qwen's special tokens (no BOS, as Qwen2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False,
+        tokenizer_object=train_bpe(corpus, vocab_size, SPECIAL_TOKENS), eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False,
         extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN}, model_max_length=4096)
 
 

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import QWEN_PROMPTS, metric, rng_pil, serve
+from helpers import ask, QWEN_PROMPTS, metric, rng_pil, serve
 
 from triton_vlm import client
 
@@ -32,27 +32,19 @@ def qwen_server(qwen_checkpoint, tmp_path_factory):
     server.stop()
 
 
-def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], sampling=GREEDY) -> str:
-    if protocol == "grpc":
-        return client.generate_grpc(server.grpc_url, prompt, images, sampling, stream=stream)
-    if stream:
-        return "".join(client.stream_http(server.http_url, prompt, images, sampling))
-    return client.generate_http(server.http_url, prompt, images, sampling)
-
-
 @pytest.mark.parametrize("images", [[], [PORTRAIT], [LANDSCAPE], [PORTRAIT, LANDSCAPE]],
                          ids=["0", "portrait", "landscape", "2-sizes"])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "nostream"])
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_greedy_output_equals_hf(qwen_server, hf_qwen, protocol, stream, images):
     prompt = QWEN_PROMPTS[len(images)]
-    assert ask(qwen_server, protocol, stream, prompt, images) == hf_qwen.generate(prompt, images, MAX_TOKENS)
+    assert ask(qwen_server, protocol, stream, prompt, images, GREEDY) == hf_qwen.generate(prompt, images, MAX_TOKENS)
 
 
 def test_photos_equal_hf(qwen_server, hf_qwen, photos):
     """Real photos: downscaled within max_pixels, different grids, one request."""
     images = [photos["astronaut"], photos["coffee"]]
-    assert ask(qwen_server, "grpc", True, QWEN_PROMPTS[2], images) == hf_qwen.generate(QWEN_PROMPTS[2], images,
+    assert ask(qwen_server, "grpc", True, QWEN_PROMPTS[2], images, GREEDY) == hf_qwen.generate(QWEN_PROMPTS[2], images,
                                                                                         MAX_TOKENS)
 
 
