@@ -150,5 +150,6 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{params_text({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size, **limits.to_params()})}
+{params_text({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
+              "vision_backend": o.vision_backend, **limits.to_params()})}
 """

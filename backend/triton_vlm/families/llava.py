@@ -72,8 +72,9 @@ def vision_request(image_processor, geometry: ModelGeometry, images: list, field
                          [geometry.image_seq_len] * len(images))
 
 
-def vision_batches(inputs: dict[str, np.ndarray], max_batch: int) -> list[dict[str, np.ndarray]]:
-    """At most vision_encoder's max_batch_size images per call."""
+def vision_batches(geometry: ModelGeometry, inputs: dict[str, np.ndarray], max_batch: int, backend: str
+                   ) -> list[dict[str, np.ndarray]]:
+    """At most vision_encoder's max_batch_size images per call (either backend takes pixel_values)."""
     pixels = inputs["pixel_values"]
     return [{"pixel_values": pixels[i:i + max_batch]} for i in range(0, len(pixels), max_batch)]
 

@@ -18,9 +18,7 @@ import numpy as np
 from ..geometry import ModelGeometry, eos_ids, read_json, text_geometry
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-# The Python backend computes the tower's other inputs (rotary positions, segments, windows) from image_grid_thw;
-# a TensorRT plan would need them sent in (see README).
-VISION_BACKENDS = ("onnxruntime",)
+VISION_BACKENDS = ("onnxruntime", "tensorrt")
 NATIVE_VIDEO = True  # a video is one <|video_pad|> run: frames grouped by temporal_patch_size
 VIDEO_FPS = 2.0  # sampled video frames are taken as this far apart in time (Qwen2.5-VL's temporal positions)
 
@@ -134,8 +132,12 @@ def _video_patches(image_processor, frames: list, v: QwenVisionGeometry) -> tupl
     return np.concatenate([g.reshape(len(g), -1) for g in groups]), [len(groups), h, w]
 
 
-def vision_batches(inputs: dict[str, np.ndarray], max_batch: int) -> list[dict[str, np.ndarray]]:
-    """One vision_encoder call per request: its rows are ragged (patches per image vary)."""
+def vision_batches(geometry: ModelGeometry, inputs: dict[str, np.ndarray], max_batch: int, backend: str
+                   ) -> list[dict[str, np.ndarray]]:
+    """One vision_encoder call per request: its rows are ragged (patches per image vary). The Python backend
+    derives the graph's other inputs from image_grid_thw; a TensorRT plan takes them as they are."""
+    if backend == "tensorrt":
+        return [{"pixel_values": inputs["pixel_values"], **vision_aux(inputs["image_grid_thw"], geometry.vision)}]
     return [inputs]
 
 
@@ -230,17 +232,58 @@ def _windows(t: int, gh: int, gw: int, size: int) -> tuple[np.ndarray, list[int]
 
 
 def build_vision(checkpoint: Path, model_dir: Path, g: ModelGeometry, options) -> None:
-    """Tower + merger to ONNX (dynamic patch count), served by the Python backend with onnxruntime."""
+    """Tower + merger to ONNX (dynamic patch count): served by the Python backend with onnxruntime, or compiled
+    to a TensorRT plan with one optimisation profile over the patch count."""
     from ..export.qwen2_vl_vision import export_qwen_vision_onnx
 
-    export_qwen_vision_onnx(checkpoint, model_dir / "1" / "model.onnx")
+    if options.vision_backend == "tensorrt":
+        from ..export.tensorrt import build_tensorrt_ragged, require_tensorrt
+
+        require_tensorrt()  # fail before the slow export if TensorRT is missing
+        onnx_path = export_qwen_vision_onnx(checkpoint, model_dir / "vision.onnx")
+        build_tensorrt_ragged(onnx_path, model_dir / "1" / "model.plan", tensorrt_profile(checkpoint, g, options))
+    else:
+        export_qwen_vision_onnx(checkpoint, model_dir / "1" / "model.onnx")
     (model_dir / "config.pbtxt").write_text(vision_config(g, options, checkpoint))
+
+
+def graph_inputs(g: ModelGeometry) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The exported graph's inputs: name -> (Triton type, dims after the patch axis)."""
+    inputs = {"pixel_values": ("TYPE_FP32", (g.vision.patch_dim,)), "position_ids": ("TYPE_INT64", (2,)),
+              "segment_ids": ("TYPE_INT64", ())}
+    if g.vision.window_size:
+        inputs.update(window_index=("TYPE_INT64", ()), window_segment_ids=("TYPE_INT64", ()))
+    return inputs
+
+
+def tensorrt_profile(checkpoint: Path, g: ModelGeometry, options) -> dict:
+    """From one merge block up to max_images_per_request images of the processor's max_pixels each."""
+    from ..export.tensorrt import patch_profile
+
+    most = load_image_processor(checkpoint).size["longest_edge"] // g.vision.patch_size ** 2
+    images = options.limits.max_images_per_request
+    shapes = {name: dims for name, (_, dims) in graph_inputs(g).items()}
+    return patch_profile(shapes, g.vision.merge_size ** 2, images * most, most)
 
 
 def vision_config(g: ModelGeometry, o, checkpoint: Path | None = None) -> str:
     """No dynamic batching: a request's rows are its images' patches, ragged, with no batch axis to stack on."""
     from ..repository import params_text
 
+    output = f'output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, {g.text.hidden_size} ] }} ]'
+    if o.vision_backend == "tensorrt":
+        inputs = ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, (-1, *dims)))} ] }}'
+                            for name, (dtype, dims) in graph_inputs(g).items())
+        return f"""name: "vision_encoder"
+platform: "tensorrt_plan"
+default_model_filename: "model.plan"
+max_batch_size: 0
+input [
+{inputs}
+]
+{output}
+instance_group [ {{ kind: KIND_GPU count: {o.vision_instances} }} ]
+"""
     return f"""name: "vision_encoder"
 backend: "python"
 max_batch_size: 0
@@ -248,7 +291,7 @@ input [
   {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ -1, {g.vision.patch_dim} ] }},
   {{ name: "image_grid_thw" data_type: TYPE_INT64 dims: [ -1, 3 ] }}
 ]
-output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, {g.text.hidden_size} ] }} ]
+{output}
 instance_group [ {{ kind: KIND_CPU count: {o.vision_instances} }} ]
 {params_text({"ort_intra_op_threads": o.ort_intra_op_threads, "checkpoint": checkpoint or ""})}
 """

@@ -309,6 +309,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.pre = Preprocessor(params["checkpoint"])
         self.vision_max_batch = int(params.get("vision_max_batch_size") or 8)
+        self.vision_backend = params.get("vision_backend") or "onnxruntime"
         # `build` resolved the limits against the engine's context length; this only fills gaps.
         self.limits = ServingLimits.from_params(params).resolved(self.pre.geometry.max_model_len)
         # A thread per admitted request (not a pool: a thread stuck on a dead llm stub must not keep a
@@ -557,7 +558,8 @@ class TritonPythonModel:
     def _embed_images(self, vision) -> np.ndarray:
         """Image rows in placeholder order, from as few vision_encoder calls as the family allows."""
         chunks = [_encode(inputs, self.limits.vision_timeout_s)
-                  for inputs in self.pre.family.vision_batches(vision.inputs, self.vision_max_batch)]
+                  for inputs in self.pre.family.vision_batches(self.pre.geometry, vision.inputs,
+                                                                     self.vision_max_batch, self.vision_backend)]
         embeds = np.concatenate(chunks).astype(np.float32, copy=False)
         return embeds.reshape(-1, embeds.shape[-1])
 
