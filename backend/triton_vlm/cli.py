@@ -31,7 +31,7 @@ def cmd_build(args) -> None:
                            limits=limits, llm=llm)
     try:
         print(build_repository(args.model, args.output, options))
-    except (ValueError, FileNotFoundError) as e:  # an unsupported or broken checkpoint, a refused option: by name
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad checkpoint, a refused option, no TensorRT
         raise SystemExit(f"triton-vlm build: {e}") from None
 
 

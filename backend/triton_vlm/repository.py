@@ -38,6 +38,10 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
     if options.vision_backend not in served_by:  # refuse before touching the output
         raise ValueError(f"--vision-backend {options.vision_backend}: {geometry.family} checkpoints serve their vision "
                          f"encoder with {' or '.join(served_by)} only")
+    if options.vision_backend == "tensorrt":
+        from .export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before the output is touched and the slow export runs
     for name in ("vision_encoder", "llm", "vlm"):
         if (output / name).exists():
             shutil.rmtree(output / name)
