@@ -64,3 +64,9 @@ def test_positions_of_the_wrong_shape_are_refused_by_name(qwen_checkpoint):
     engine = LLMEngine(str(qwen_checkpoint), EngineConfig(num_kv_blocks=16, block_size=8))
     with pytest.raises(ValueError, match=r"^position_ids: expected \[3, 4\]"):
         engine.make_sequence("r", [1, 2, 3, 4], SamplingParams(), positions=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_positions_for_a_model_without_mrope_are_refused(tiny_checkpoint):
+    engine = LLMEngine(str(tiny_checkpoint), EngineConfig(num_kv_blocks=16, block_size=8))
+    with pytest.raises(ValueError, match=r"^position_ids: this model takes none"):
+        engine.make_sequence("r", [1, 2, 3], SamplingParams(), positions=torch.zeros(1, 3, dtype=torch.long))

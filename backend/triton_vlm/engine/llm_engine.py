@@ -174,6 +174,8 @@ class LLMEngine:
 
     def _check_positions(self, positions: torch.Tensor, n: int) -> torch.Tensor:
         rows = self.runner.position_rows
+        if rows == 1:  # 1-D rotary positions are always the token indexes here
+            raise ValueError("position_ids: this model takes none (its positions are the token indexes)")
         if positions.dim() != 2 or tuple(positions.shape) != (rows, n):
             raise ValueError(f"position_ids: expected [{rows}, {n}] (rows x prompt tokens), got {list(positions.shape)}")
         if positions.min() < 0 or positions.max() >= self.scheduler.max_seq_len:
