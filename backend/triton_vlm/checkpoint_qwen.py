@@ -96,6 +96,15 @@ def flatten_config(out: Path) -> None:
     path.write_text(json.dumps(flat, indent=2))
 
 
+def hub_preprocessor_config(out: Path) -> None:
+    """preprocessor_config.json as the Hub's Qwen2-VL checkpoints write it: min_pixels/max_pixels, not size."""
+    path = out / "preprocessor_config.json"
+    cfg = json.loads(path.read_text())
+    size = cfg.pop("size")
+    path.write_text(json.dumps({**cfg, "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]},
+                               indent=2))
+
+
 def make_tiny_qwen(out_dir: str | Path, version: str = "2", seed: int = 0, layout: str = "nested",
                    min_pixels: int = 8 * 8 * 4, max_pixels: int = 32 * 32 * 4, **geometry) -> Path:
     """A random Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") with 2 decoder layers and a tiny tower.
@@ -123,9 +132,10 @@ def make_tiny_qwen(out_dir: str | Path, version: str = "2", seed: int = 0, layou
     model.save_pretrained(out, safe_serialization=True)
     image_processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if layout == "flat":  # the Hub's older layout: chat_template.json, flat config.json
+    if layout == "flat":  # the Hub's older layout: chat_template.json, flat config.json, min/max_pixels
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
         flatten_config(out)
+        hub_preprocessor_config(out)
     else:
         (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out

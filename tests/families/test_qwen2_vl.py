@@ -24,6 +24,9 @@ def test_geometry_from_either_layout(qwen_checkpoint):
     assert g.eos_token_ids == (text["eos_token_id"],)
     assert g.vision.patch_dim == 3 * 2 * 4 * 4
     assert g.vision.version == ("2.5" if cfg["model_type"] == "qwen2_5_vl" else "2")
+    processor = json.loads((qwen_checkpoint / "preprocessor_config.json").read_text())
+    assert ("max_pixels" in processor) == ("text_config" not in cfg)  # the Hub's flat layout spells it so
+    assert qwen2_vl.load_image_processor(qwen_checkpoint).size["longest_edge"] == 4096
 
 
 def test_unsupported_model_type_is_named_with_the_supported_ones(qwen_checkpoint, tmp_path):
