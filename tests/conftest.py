@@ -39,3 +39,19 @@ def hf_tiny(tiny_checkpoint) -> HFReference:
 @pytest.fixture(scope="session")
 def hf_second(second_checkpoint) -> HFReference:
     return HFReference(second_checkpoint)
+
+
+@pytest.fixture(scope="session", params=[("2", "nested"), ("2.5", "flat")], ids=["qwen2-vl", "qwen2.5-vl-flat"])
+def qwen_checkpoint(request, tmp_path_factory) -> Path:
+    """Tiny random Qwen2-VL (transformers 5's nested config) and Qwen2.5-VL (the Hub's flat config)."""
+    from triton_vlm.checkpoint_qwen import make_tiny_qwen
+
+    version, layout = request.param
+    return make_tiny_qwen(tmp_path_factory.mktemp("ckpt") / f"qwen{version}-{layout}", version=version, layout=layout)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen(qwen_checkpoint):
+    from helpers import QwenReference
+
+    return QwenReference(qwen_checkpoint)

@@ -158,3 +158,116 @@ def sample(samples, name: str, **labels) -> float:
     found = [v for n, ls, v in samples if n == name and labels.items() <= ls.items()]
     assert len(found) <= 1, f"{name} {labels}: {len(found)} samples"
     return found[0] if found else 0.0
+
+
+QWEN_PROMPTS = {
+    0: "<|im_start|>user\nTell me a story about a cat.<|im_end|>\n<|im_start|>assistant\n",
+    1: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in this picture?<|im_end|>\n"
+       "<|im_start|>assistant\n",
+    2: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>and <|vision_start|><|image_pad|><|vision_end|>"
+       "How do they differ?<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+class QwenReference:
+    """transformers' own Qwen2-VL / Qwen2.5-VL: image processor (PIL), placeholder expansion as
+    Qwen2VLProcessor does it (grid t*h*w / merge^2 copies), positions by the model's get_rope_index."""
+
+    def __init__(self, checkpoint: Path):
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+        self.model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+        self.image_token_id = self.model.config.image_token_id
+
+    def inputs(self, prompt: str, images: list) -> dict:
+        import torch
+        from PIL import Image
+
+        from triton_vlm.preprocess import decode_image
+
+        pil = [img if isinstance(img, Image.Image) else decode_image(img) for img in images]
+        kw = {}
+        if pil:
+            out = self.image_processor(images=pil, return_tensors="pt")
+            kw = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            merge = self.image_processor.merge_size ** 2
+            parts = prompt.split("<|image_pad|>")
+            prompt = "".join(p + "<|image_pad|>" * int(g.prod() // merge) for p, g in zip(parts, out["image_grid_thw"]))
+            prompt += parts[-1]
+        ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": (ids == self.image_token_id).int(), **kw}
+
+    def image_embeds(self, inputs: dict):
+        import torch
+
+        with torch.no_grad():
+            return torch.cat(self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).pooler_output)
+
+    def generate_ids(self, prompt: str, images: list, max_new_tokens: int) -> list[int]:
+        import torch
+
+        inputs = self.inputs(prompt, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def generate(self, prompt: str, images: list, max_new_tokens: int) -> str:
+        return self.tokenizer.decode(self.generate_ids(prompt, images, max_new_tokens), skip_special_tokens=True)
+
+    def generate_video(self, prompt: str, frames: list, max_new_tokens: int, fps: float = 2.0) -> str:
+        """One <|video_pad|> placeholder in `prompt`, the video's sampled frames taken `fps` apart."""
+        import torch
+
+        pixels, grid = qwen_video_patches(self.image_processor, frames)
+        n = int(grid.prod()) // self.image_processor.merge_size ** 2
+        ids = torch.tensor([self.tokenizer(prompt.replace("<|video_pad|>", "<|video_pad|>" * n))["input_ids"]])
+        kw = {}
+        if self.model.config.model_type == "qwen2_5_vl":
+            kw["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / fps])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
+                                      video_grid_thw=grid, mm_token_type_ids=2 * (ids == self.model.config.video_token_id).int(),
+                                      max_new_tokens=max_new_tokens, do_sample=False, **kw)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def rng_pil(seed: int, height: int, width: int):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8"))
+
+
+def qwen_video_patches(image_processor, frames) -> tuple:
+    """pixel_values_videos and video_grid_thw of one video, laid out as transformers' Qwen2VLVideoProcessor
+    does (its module needs torchvision, so its patchify is restated here): frames resized as the image
+    processor resizes, rescaled and normalised; the last frame repeated to fill the final temporal group."""
+    import torch
+    from PIL import Image
+
+    p, m, tp = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    grid = image_processor(images=[frames[0]], return_tensors="np")["image_grid_thw"][0]
+    height, width = int(grid[1]) * p, int(grid[2]) * p
+    mean, std = np.array(image_processor.image_mean), np.array(image_processor.image_std)
+    arrays = [((np.asarray(f.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
+                * image_processor.rescale_factor - mean) / std).transpose(2, 0, 1) for f in frames]
+    arrays += [arrays[-1]] * (-len(arrays) % tp)
+    video = torch.tensor(np.stack(arrays)[None], dtype=torch.float32)  # [1, frames, C, H, W]
+    gt, gh, gw = video.shape[1] // tp, height // p, width // p
+    patches = video.view(1, gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return patches.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]])
+
+
+def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], sampling: dict) -> str:
+    """vlm's whole text output over gRPC or HTTP, streamed or not."""
+    from triton_vlm import client
+
+    if protocol == "grpc":
+        return client.generate_grpc(server.grpc_url, prompt, images, sampling, stream=stream)
+    if stream:
+        return "".join(client.stream_http(server.http_url, prompt, images, sampling))
+    return client.generate_http(server.http_url, prompt, images, sampling)

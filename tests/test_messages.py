@@ -61,8 +61,8 @@ def test_system_is_honoured_where_the_template_has_it(pre):
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     chat = parse_messages(messages)
-    assert pre.chat_processor.apply_chat_template(chat.messages, chat_template=template, add_generation_prompt=True,
-                                                  tokenize=False) == "<system>Be brief.<user>Hi<assistant>"
+    assert pre.tokenizer.apply_chat_template(chat.messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False) == "<system>Be brief.<user>Hi<assistant>"
 
 
 def test_video_becomes_its_frames_in_placeholder_layout(pre):
@@ -140,3 +140,13 @@ def test_frames_are_sampled_only_after_the_count_check(monkeypatch):
 def test_frames_keep_their_pixels():
     chat = parse_messages(user({"type": "video_url", "video_url": {"url": VIDEO_URL, "num_frames": 2}}))
     assert [np.asarray(m.data).shape for m in chat.media] == [(32, 32, 3)] * 2
+
+
+def test_native_video_stays_one_part_with_its_frames():
+    """For families that take video natively (Qwen2-VL): one video part, one Media holding the frames."""
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": VIDEO_URL, "num_frames": 4}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    chat = parse_messages(messages, native_video=True)
+    assert chat.messages[0]["content"] == [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+    (media,) = chat.media
+    assert isinstance(media.data, list) and len(media.data) == 4

@@ -358,3 +358,13 @@ def test_pixels_and_ids_match_the_hf_processor(tiny_checkpoint, photos):
     np.testing.assert_allclose(pre.pixel_values(images), ref["pixel_values"], atol=1e-5, rtol=0)
     assert pre.input_ids(prompt) == ref["input_ids"][0].tolist()
     assert pre.count_placeholders(prompt) == 2
+
+
+def test_placeholders_of_two_kinds_expand_in_order():
+    from triton_vlm.preprocess import expand_placeholders
+
+    tokens = ("<|image_pad|>", "<|video_pad|>")
+    assert expand_placeholders("a<|video_pad|>b<|image_pad|>c", tokens, [2, 3]) == \
+        "a" + "<|video_pad|>" * 2 + "b" + "<|image_pad|>" * 3 + "c"
+    with pytest.raises(ValueError, match=r"^2 <\|image_pad\|>/<\|video_pad\|> placeholder\(s\) for 1 image"):
+        expand_placeholders("<|image_pad|><|video_pad|>", tokens, [1])

@@ -12,9 +12,14 @@ from .limits import ServingLimits
 
 
 def cmd_make_tiny(args) -> None:
-    from .checkpoint import make_tiny
+    if args.family == "llava":
+        from .checkpoint import make_tiny
 
-    print(make_tiny(args.out_dir, seed=args.seed))
+        print(make_tiny(args.out_dir, seed=args.seed))
+        return
+    from .checkpoint_qwen import make_tiny_qwen
+
+    print(make_tiny_qwen(args.out_dir, version="2.5" if args.family == "qwen2_5_vl" else "2", seed=args.seed))
 
 
 def cmd_build(args) -> None:
@@ -29,7 +34,10 @@ def cmd_build(args) -> None:
     options = BuildOptions(vision_backend=args.vision_backend, vision_max_batch_size=args.vision_max_batch_size,
                            limits=limits, llm=llm, ort_intra_op_threads=args.vision_threads, gpus=args.gpus,
                            llm_instances=args.llm_instances, image_cache_mb=args.image_cache_mb)
-    print(build_repository(args.model, args.output, options))
+    try:
+        print(build_repository(args.model, args.output, options))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad checkpoint, a refused option, no TensorRT
+        raise SystemExit(f"triton-vlm build: {e}") from None
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -151,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny", help="write a small random LLaVA checkpoint (no download)")
+    p = sub.add_parser("make-tiny", help="write a small random checkpoint (no download)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=["llava", "qwen2_vl", "qwen2_5_vl"], default="llava")
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("build", help="render a Triton model repository for a LLaVA checkpoint")
+    p = sub.add_parser("build", help="render a Triton model repository for a checkpoint (LLaVA, Qwen2-VL, Qwen2.5-VL)")
     p.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
     p.add_argument("--output", required=True, type=Path, help="model repository to write")
     p.add_argument("--vision-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
@@ -30,6 +31,9 @@ class TextGeometry:
     tie_word_embeddings: bool
     hidden_act: str
     sliding_window: int | None
+    # M-RoPE: rotary frequencies split into sections, each rotated by its own row of 3-D positions
+    # (temporal, height, width). Empty: ordinary 1-D positions.
+    mrope_section: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,16 @@ class VisionGeometry:
 @dataclass(frozen=True)
 class ModelGeometry:
     text: TextGeometry
-    vision: VisionGeometry
+    vision: Any  # the family's own vision geometry (VisionGeometry for LLaVA)
     image_token: str
     image_token_id: int
     vision_feature_layer: int | tuple[int, ...]
     vision_feature_select_strategy: str
     eos_token_ids: tuple[int, ...]
     dtype: str
+    family: str = "llava"  # a module of triton_vlm.families
+    video_token: str | None = None
+    video_token_id: int | None = None
 
     @property
     def image_seq_len(self) -> int:
@@ -71,31 +78,12 @@ class ModelGeometry:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelGeometry":
+        """The family named by config.json's model_type reads the rest (families/)."""
+        from .families import family_for
+
         path = Path(path)
         cfg = read_json(path / "config.json")
-        if "text_config" not in cfg or "vision_config" not in cfg:
-            raise ValueError(f"{path}/config.json is not a LLaVA-style checkpoint (needs text_config and vision_config)")
-        try:
-            text = _text_geometry(cfg["text_config"], cfg)
-        except KeyError as e:
-            raise ValueError(f"{path / 'config.json'}: text_config lacks {e.args[0]!r}") from None
-        v = cfg["vision_config"]
-        tower = v.get("model_type", "clip_vision_model")
-        if tower not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"unsupported vision tower {tower!r}; supported: CLIP and SigLIP")
-        vision = VisionGeometry(v.get("image_size", 224), v.get("patch_size", 32), v.get("num_channels", 3),
-                                has_cls=tower == "clip_vision_model")
-        layer = cfg.get("vision_feature_layer", -2)
-        return cls(
-            text=text,
-            vision=vision,
-            image_token=_image_token(path),
-            image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
-            vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
-            vision_feature_select_strategy=cfg.get("vision_feature_select_strategy", "default"),
-            eos_token_ids=_eos_ids(path, cfg["text_config"]),
-            dtype=cfg.get("dtype") or cfg.get("torch_dtype") or cfg["text_config"].get("torch_dtype") or "float32",
-        )
+        return family_for(path, cfg).geometry(path, cfg)
 
 
 def read_json(path: Path) -> dict:
@@ -111,12 +99,14 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _text_geometry(t: dict, top: dict) -> TextGeometry:
-    model_type = t.get("model_type", "llama")
+def text_geometry(t: dict, top: dict, model_type: str | None = None) -> TextGeometry:
+    model_type = model_type or t.get("model_type", "llama")
     if model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"unsupported language model {model_type!r}; supported: {', '.join(SUPPORTED_TEXT_MODELS)}")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "mrope":  # the Hub's older spelling of default rope with M-RoPE sections
+        rope_type = "default"
     if rope_type not in ("default", "linear"):
         raise ValueError(f"rope type {rope_type!r} is not supported yet (default and linear are)")
     heads = t["num_attention_heads"]
@@ -139,10 +129,11 @@ def _text_geometry(t: dict, top: dict) -> TextGeometry:
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False) or top.get("tie_word_embeddings", False)),
         hidden_act=t.get("hidden_act", "silu"),
         sliding_window=t.get("sliding_window") if t.get("use_sliding_window", True) else None,
+        mrope_section=tuple(rope.get("mrope_section") or ()),
     )
 
 
-def _eos_ids(path: Path, text_cfg: dict) -> tuple[int, ...]:
+def eos_ids(path: Path, text_cfg: dict) -> tuple[int, ...]:
     gen = path / "generation_config.json"
     eos = read_json(gen).get("eos_token_id") if gen.exists() else None
     if eos is None:
@@ -152,7 +143,7 @@ def _eos_ids(path: Path, text_cfg: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
-def _image_token(path: Path) -> str:
+def image_token(path: Path) -> str:
     for name in ("processor_config.json", "tokenizer_config.json"):
         f = path / name
         if f.exists():

@@ -23,9 +23,10 @@ _REMOTE = re.compile(r"\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 class Media(NamedTuple):
-    """One image a placeholder stands for."""
+    """One image (or, for families with native video, one video) a placeholder stands for."""
     field: str  # where it came from, for errors: "messages[0].content[1].image_url"
-    data: bytes | Image.Image  # an encoded image (data URL or `image` element), or a decoded video frame
+    # an encoded image (data URL or `image` element), a decoded video frame, or a native video's frames
+    data: bytes | Image.Image | list[Image.Image]
 
 
 class Chat(NamedTuple):
@@ -40,8 +41,11 @@ class _Video(NamedTuple):
 
 
 def parse_messages(raw: bytes | str | list, images: list[bytes] = (), *, image_token: str = "<image>",
-                   max_images: int = 8, max_pixels: int | None = None) -> Chat:
-    """Check `raw` (JSON text or the decoded list) and resolve its media; ValueError names the field."""
+                   max_images: int = 8, max_pixels: int | None = None, native_video: bool = False) -> Chat:
+    """Check `raw` (JSON text or the decoded list) and resolve its media; ValueError names the field.
+
+    native_video: a video stays one {"type": "video"} part and one Media holding its frames (Qwen2-VL);
+    otherwise it becomes one image part and one Media per frame."""
     if isinstance(raw, (bytes, str)):
         try:
             raw = json.loads(raw)
@@ -59,8 +63,8 @@ def parse_messages(raw: bytes | str | list, images: list[bytes] = (), *, image_t
     if n_images > max_images:
         raise ValueError(f"messages: {n_images} images (video frames included) exceed the limit of {max_images} "
                          "per request (max_images_per_request)")
-    media, counts = _sample_videos(media, max_pixels)
-    return Chat([_expand_videos(turn, counts) for turn in turns], media)
+    media, counts = _sample_videos(media, max_pixels, native_video)
+    return Chat(turns if native_video else [_expand_videos(turn, counts) for turn in turns], media)
 
 
 def _message(message, where: str, images, image_token: str, media: list, used: set) -> dict:
@@ -140,7 +144,7 @@ def _check_text(text: str, where: str, image_token: str) -> None:
         raise ValueError(f"{where}: contains the image placeholder {image_token}; send images as image_url parts")
 
 
-def _sample_videos(media: list, max_pixels: int | None) -> tuple[list[Media], list[int]]:
+def _sample_videos(media: list, max_pixels: int | None, native: bool = False) -> tuple[list[Media], list[int]]:
     """Videos become their frames (after the image count was checked: decoding is the costly part);
     also the number of frames of each video, fewer than asked for when the video is shorter."""
     out, counts = [], []
@@ -150,7 +154,7 @@ def _sample_videos(media: list, max_pixels: int | None) -> tuple[list[Media], li
             continue
         limit = {} if max_pixels is None else {"max_pixels": max_pixels}
         frames = video.sample_frames(m.url, m.frames, m.field, **limit)
-        out += [Media(m.field, f) for f in frames]
+        out += [Media(m.field, frames)] if native else [Media(m.field, f) for f in frames]
         counts.append(len(frames))
     return out, counts
 

@@ -7,6 +7,7 @@ import io
 import re
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -140,27 +141,37 @@ def as_image(data: bytes | Image.Image, field: str, max_pixels: int = DEFAULT_MA
     return to_rgb(data)
 
 
-def _chat_processor(checkpoint):
-    """The checkpoint's processor if it carries a chat template, else None (then only text_input works)."""
-    from transformers import AutoProcessor
+class VisionRequest(NamedTuple):
+    """One request's images as its family's vision_encoder inputs, and how many tokens each image takes."""
+    inputs: dict[str, np.ndarray]
+    tokens: list[int]
+    # M-RoPE families: per image or video, how far its temporal position moves per temporal grid step.
+    time_intervals: list[float] = []
 
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-    except Exception:  # noqa: BLE001  no processor files: prompts come as text_input only
-        return None
-    return processor if getattr(processor, "chat_template", None) else None
+
+def expand_placeholders(text: str, tokens: tuple[str, ...], counts: list[int]) -> str:
+    """The i-th placeholder (any of `tokens`: image, video) becomes counts[i] copies of it, as HF processors do."""
+    pieces = re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)
+    texts, found = pieces[::2], pieces[1::2]
+    if len(found) != len(counts):
+        raise ValueError(f"{len(found)} {'/'.join(tokens)} placeholder(s) for {len(counts)} image(s) or video(s)")
+    return "".join(t + token * n for t, token, n in zip(texts, found, counts)) + texts[-1]
 
 
 class Preprocessor:
-    """Tokenizer + image processor of one checkpoint, producing exactly what its HF processor would."""
+    """Tokenizer + image processor of one checkpoint, producing exactly what its HF processor would; what
+    differs by model family (processor, tokens per image, positions) is asked of the family module."""
 
     def __init__(self, checkpoint: str | Path):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from .families import FAMILIES
 
         self.geometry = ModelGeometry.from_checkpoint(checkpoint)
+        self.family = FAMILIES[self.geometry.family]
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.image_processor = AutoImageProcessor.from_pretrained(checkpoint)
-        self.chat_processor = _chat_processor(checkpoint)
+        self.image_processor = self.family.load_image_processor(checkpoint)
+        self.render_chat = self.family.load_chat(checkpoint, self.tokenizer)
         # Fast tokenizers reset their truncation state on each call: not safe from two threads at once.
         self._encode_lock = threading.Lock()
 
@@ -168,43 +179,57 @@ class Preprocessor:
     def image_token(self) -> str:
         return self.geometry.image_token
 
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The image token, and the video token where the family takes videos natively."""
+        video = self.geometry.video_token
+        return (self.image_token, video) if video else (self.image_token,)
+
     def count_placeholders(self, text: str) -> int:
-        return text.count(self.image_token)
+        return sum(text.count(token) for token in self.placeholders)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The checkpoint's own chat template over messages.parse_messages' output, generation prompt added."""
-        if self.chat_processor is None:
+        if self.render_chat is None:
             raise ValueError("messages: this checkpoint has no chat template; send text_input instead")
         try:
-            return self.chat_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.render_chat(messages)
         except Exception as e:  # noqa: BLE001  jinja's own errors, e.g. a template that demands alternating roles
             raise ValueError(f"messages: the checkpoint's chat template refused them ({e})") from None
 
+    def vision_request(self, images: list[Image.Image | list[Image.Image]], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       fields: list[str] | None = None) -> VisionRequest:
+        """images[i] is the request's image[i] (or fields[i]), or a native video's frames; bad ones raise
+        ValueError naming the field."""
+        fields = fields or [f"image[{i}]" for i in range(len(images))]
+        return self.family.vision_request(self.image_processor, self.geometry, images, fields, max_pixels)
+
     def pixel_values(self, images: list[Image.Image], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                      fields: list[str] | None = None) -> np.ndarray:
-        """images[i] is the request's image[i] (or fields[i]); one too elongated for the processor's resize
-        raises ValueError."""
-        for i, img in enumerate(images):
-            self._check_resize(img, fields[i] if fields else f"image[{i}]", max_pixels)
-        out = self.image_processor(images=images, return_tensors="np")["pixel_values"]
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return self.vision_request(images, max_pixels, fields).inputs["pixel_values"]
 
-    def _check_resize(self, img: Image.Image, field: str, max_pixels: int) -> None:
-        """A shortest_edge resize keeps the aspect ratio with no bound on the long side, so a 1x100000 image would
-        become 336x33600000 inside the processor. Refuse it if that (computed as HF does) exceeds max_pixels."""
-        proc = self.image_processor
-        edge = proc.size.get("shortest_edge") if proc.do_resize and not proc.size.get("longest_edge") else None
-        if not edge:
-            return
-        short, long = sorted(img.size)
-        resized = edge * int(edge * long / short)  # as get_resize_output_image_size computes the long side
-        if resized > max_pixels:
-            raise ValueError(f"{field}: {img.width}x{img.height} pixels would be resized to {resized} pixels (shortest "
-                             f"edge {edge}), which exceeds the limit of {max_pixels} (max_image_pixels)")
-
-    def input_ids(self, text: str) -> list[int]:
-        """Each placeholder becomes image_seq_len image tokens, as LlavaProcessor does, then tokenize."""
-        token = self.image_token
-        expanded = text.replace(token, token * self.geometry.image_seq_len)
+    def input_ids(self, text: str, tokens: list[int] | None = None) -> list[int]:
+        """Each placeholder becomes its image's tokens (tokens[i]; LLaVA: image_seq_len each), then tokenize."""
+        if tokens is None:
+            tokens = [self.geometry.image_seq_len] * self.count_placeholders(text)
+        expanded = expand_placeholders(text, self.placeholders, tokens)
         with self._encode_lock:
             return self.tokenizer(expanded)["input_ids"]
+
+    def positions(self, input_ids: list[int], request: VisionRequest | None) -> np.ndarray | None:
+        """Rotary positions [rows, tokens] where the family's differ from the indexes, else None."""
+        return None if request is None else self.family.request_positions(input_ids, self.geometry, request)
+
+
+def check_resize(image_processor, img: Image.Image, field: str, max_pixels: int) -> None:
+    """A shortest_edge resize keeps the aspect ratio with no bound on the long side, so a 1x100000 image would
+    become 336x33600000 inside the processor. Refuse it if that (computed as HF does) exceeds max_pixels."""
+    proc = image_processor
+    edge = proc.size.get("shortest_edge") if proc.do_resize and not proc.size.get("longest_edge") else None
+    if not edge:
+        return
+    short, long = sorted(img.size)
+    resized = edge * int(edge * long / short)  # as get_resize_output_image_size computes the long side
+    if resized > max_pixels:
+        raise ValueError(f"{field}: {img.width}x{img.height} pixels would be resized to {resized} pixels (shortest "
+                         f"edge {edge}), which exceeds the limit of {max_pixels} (max_image_pixels)")

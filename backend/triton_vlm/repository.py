@@ -43,6 +43,14 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
     checkpoint = Path(checkpoint).resolve()
     output = Path(output).resolve()
     geometry = ModelGeometry.from_checkpoint(checkpoint)
+    served_by = family(geometry).VISION_BACKENDS
+    if options.vision_backend not in served_by:  # refuse before touching the output
+        raise ValueError(f"--vision-backend {options.vision_backend}: {geometry.family} checkpoints serve their vision "
+                         f"encoder with {' or '.join(served_by)} only")
+    if options.vision_backend == "tensorrt":
+        from .export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before the output is touched and the slow export runs
     for name in ("vision_encoder", "llm", "vlm"):
         if (output / name).exists():
             shutil.rmtree(output / name)
@@ -55,20 +63,16 @@ def build_repository(checkpoint: str | Path, output: str | Path, options: BuildO
 
 
 def _build_vision(checkpoint: Path, model_dir: Path, geometry: ModelGeometry, options: BuildOptions) -> None:
-    from .export.vision import export_vision_onnx
+    """The family exports its tower and writes vision_encoder's config.pbtxt."""
+    family(geometry).build_vision(checkpoint, model_dir, geometry, options)
+    if options.vision_backend == "onnxruntime":  # the Python-backend adapter runs onnxruntime
+        shutil.copy2(ADAPTERS / model_dir.name / "1" / "model.py", model_dir / "1" / "model.py")
 
-    version = model_dir / "1"
-    if options.vision_backend == "tensorrt":
-        from .export.tensorrt import require_tensorrt, build_tensorrt_engine
 
-        require_tensorrt()  # fail before the slow export if TensorRT is missing
-        onnx_path = export_vision_onnx(checkpoint, model_dir / "vision.onnx")
-        build_tensorrt_engine(onnx_path, version / "model.plan", geometry.vision.image_size,
-                              options.vision_max_batch_size)
-        (model_dir / "config.pbtxt").write_text(vision_config(geometry, options))
-        return
-    export_vision_onnx(checkpoint, version / "model.onnx")
-    _write(model_dir, vision_config(geometry, options))
+def family(geometry: ModelGeometry):
+    from .families import FAMILIES
+
+    return FAMILIES[geometry.family]
 
 
 def _write(model_dir: Path, config: str) -> None:
@@ -76,36 +80,21 @@ def _write(model_dir: Path, config: str) -> None:
     shutil.copy2(ADAPTERS / model_dir.name / "1" / "model.py", model_dir / "1" / "model.py")
 
 
-def _params(values: dict) -> str:
+def params_text(values: dict) -> str:
+    """config.pbtxt string parameters."""
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
 
 
 def vision_config(g: ModelGeometry, o: BuildOptions) -> str:
-    size = g.vision.image_size
-    io = f"""input [ {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ {g.vision.num_channels}, {size}, {size} ] }} ]
-output [ {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ {g.image_seq_len}, {g.text.hidden_size} ] }} ]
-max_batch_size: {o.vision_max_batch_size}
-dynamic_batching {{ max_queue_delay_microseconds: {o.vision_queue_delay_us} }}"""
-    if o.vision_backend == "tensorrt":
-        return f"""name: "vision_encoder"
-platform: "tensorrt_plan"
-default_model_filename: "model.plan"
-{io}
-instance_group [ {_vision_group(o, gpu_only=True)} ]
-"""
-    return f"""name: "vision_encoder"
-backend: "python"
-{io}
-instance_group [ {_vision_group(o, gpu_only=False)} ]
-{_params({"ort_intra_op_threads": o.ort_intra_op_threads})}
-"""
+    return family(g).vision_config(g, o)
 
 
 def _gpu_list(o: BuildOptions) -> str:
     return ", ".join(str(i) for i in range(o.gpus))
 
 
-def _vision_group(o: BuildOptions, gpu_only: bool) -> str:
+def vision_group(o: BuildOptions, gpu_only: bool) -> str:
+    """vision_encoder's instance_group entry (families' vision configs use it)."""
     if o.gpus:  # `count` instances on each listed GPU
         return f"{{ kind: KIND_GPU count: {o.vision_instances} gpus: [ {_gpu_list(o)} ] }}"
     return f"{{ kind: {'KIND_GPU' if gpu_only else 'KIND_CPU'} count: {o.vision_instances} }}"
@@ -128,6 +117,7 @@ input [
   {{ name: "image_embeds" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true }},
   {{ name: "image_rows" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
   {{ name: "image_hashes" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
+  {{ name: "position_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] optional: true }},
   {{ name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "abort" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
@@ -144,7 +134,7 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {_llm_group(o)} ]
-{_params({"checkpoint": checkpoint, **o.llm})}
+{params_text({"checkpoint": checkpoint, **o.llm})}
 """
 
 
@@ -196,6 +186,6 @@ output [
   {{ name: "prompt_logprobs" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-{_params({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
-          "image_cache_mb": o.image_cache_mb, **limits.to_params()})}
+{params_text({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
+              "vision_backend": o.vision_backend, "image_cache_mb": o.image_cache_mb, **limits.toparams_text()})}
 """

@@ -155,3 +155,37 @@ def test_serve_with_openai_port_and_the_standalone_openai_command(tiny_checkpoin
             standalone.terminate()
             standalone.wait(30)
         stop(proc)
+
+
+def test_build_refuses_an_unsupported_family_by_name(tmp_path):
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    done = subprocess.run(CLI + ["build", "--model", str(ckpt), "--output", str(tmp_path / "repo")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "model_type 'idefics3' is not supported; supported: llava, qwen2_5_vl, qwen2_vl" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_make_tiny_qwen_and_build(tmp_path):
+    ckpt = tmp_path / "qwen"
+    subprocess.run(CLI + ["make-tiny", str(ckpt), "--family", "qwen2_5_vl"], check=True, timeout=300,
+                   capture_output=True)
+    repo = tmp_path / "repo"
+    subprocess.run(CLI + ["build", "--model", str(ckpt), "--output", str(repo)], check=True, timeout=600,
+                   capture_output=True)
+    config = (repo / "vision_encoder" / "config.pbtxt").read_text()
+    assert 'name: "image_grid_thw" data_type: TYPE_INT64 dims: [ -1, 3 ]' in config
+    assert (repo / "vision_encoder" / "1" / "model.onnx").is_file()
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        return  # a TensorRT host would build the plan; the refusal below is for hosts without it
+    done = subprocess.run(CLI + ["build", "--model", str(ckpt), "--output", str(repo), "--vision-backend",
+                                 "tensorrt"], capture_output=True, text=True, timeout=300)
+    # No TensorRT here: refused by name, before the repository is touched.
+    assert done.returncode != 0 and "--vision-backend onnxruntime" in done.stderr and "Traceback" not in done.stderr
+    assert (repo / "vision_encoder" / "1" / "model.onnx").is_file()  # refused before touching the repository

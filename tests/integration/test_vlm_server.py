@@ -6,19 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import PROMPTS, images_for, metric, rng_image, wait_for_metric
+from helpers import PROMPTS, ask, images_for, metric, rng_image, wait_for_metric
 from triton_vlm import client
 
 MAX_TOKENS = 24
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
-
-
-def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], sampling=GREEDY) -> str:
-    if protocol == "grpc":
-        return client.generate_grpc(server.grpc_url, prompt, images, sampling, stream=stream)
-    if stream:
-        return "".join(client.stream_http(server.http_url, prompt, images, sampling))
-    return client.generate_http(server.http_url, prompt, images, sampling)
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 2])
@@ -27,7 +19,7 @@ def ask(server, protocol: str, stream: bool, prompt: str, images: list[bytes], s
 def test_greedy_output_equals_hf(tiny_server, hf_tiny, photos, protocol, stream, n_images):
     prompt, images = PROMPTS[n_images], images_for(n_images, photos)
     expected = hf_tiny.generate(prompt, images, MAX_TOKENS)
-    assert ask(tiny_server, protocol, stream, prompt, images) == expected
+    assert ask(tiny_server, protocol, stream, prompt, images, GREEDY) == expected
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 2])
@@ -35,7 +27,7 @@ def test_greedy_output_equals_hf(tiny_server, hf_tiny, photos, protocol, stream,
 def test_second_geometry_equals_hf(second_server, hf_second, photos, protocol, n_images):
     prompt, images = PROMPTS[n_images], images_for(n_images, photos)
     expected = hf_second.generate(prompt, images, MAX_TOKENS)
-    assert ask(second_server, protocol, protocol == "grpc", prompt, images) == expected
+    assert ask(second_server, protocol, protocol == "grpc", prompt, images, GREEDY) == expected
 
 
 def test_streaming_sends_deltas(tiny_server, photos):

@@ -34,10 +34,19 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (g.rope_theta ** (torch.arange(0, g.head_dim, 2, dtype=torch.int64).float() / g.head_dim))
         # A plain attribute, not a buffer: model.to(fp16) must not round the frequencies.
         self.inv_freq = inv_freq / g.rope_scaling_factor
+        # M-RoPE: frequency j turns with position row section_row[j] (sections in order, rows cycling 0, 1, 2).
+        sections = g.mrope_section
+        self.section_row = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(sections)]) if sections else None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim], once per step; sin carries rotate-half's sign (see apply_rotary)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        """cos and sin [T, 1, head_dim], once per step; sin carries rotate-half's sign (see apply_rotary).
+
+        positions: [T], or [3, T] under M-RoPE."""
+        if positions.dim() == 2:
+            rows = self.section_row.to(positions.device)
+            freqs = positions[rows].T.float() * self.inv_freq.to(positions.device)[None, :]
+        else:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         half = freqs.shape[-1]
         sin = emb.sin()

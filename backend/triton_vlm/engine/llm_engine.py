@@ -157,11 +157,13 @@ class LLMEngine:
 
     def make_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       image_embeds: torch.Tensor | None = None, image_hashes: list[bytes] | None = None,
-                      image_rows: list[int] | None = None) -> Sequence:
+                      image_rows: list[int] | None = None, positions: torch.Tensor | None = None) -> Sequence:
         """Validate a request and build its sequence; raises ValueError naming the bad field.
 
         `image_rows` says how many of image_embeds' rows each image has (default: all rows one image),
         `image_hashes` each image's content hash (default: a hash of its rows' bytes), for prefix caching.
+        positions: the prompt's rotary positions [rows, prompt tokens] where they are not the token indexes
+        (M-RoPE's 3 rows); generated tokens then continue from the largest + 1.
         """
         params.validate()
         vocab = self.geometry.text.vocab_size
@@ -170,15 +172,19 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab})")
-        positions = [i for i, t in enumerate(prompt_ids) if t == self.geometry.image_token_id]
+        image_ids = {self.geometry.image_token_id, self.geometry.video_token_id}
+        image_at = [i for i, t in enumerate(prompt_ids) if t in image_ids]
         rows = 0 if image_embeds is None else image_embeds.shape[0]
         if image_embeds is not None and (image_embeds.dim() != 2 or image_embeds.shape[1] != self.geometry.text.hidden_size):
             raise ValueError(f"image_embeds: expected [rows, {self.geometry.text.hidden_size}], got {list(image_embeds.shape)}")
-        if rows != len(positions):
-            raise ValueError(f"image_embeds: {rows} rows for {len(positions)} image placeholder tokens in input_ids")
+        if rows != len(image_at):
+            raise ValueError(f"image_embeds: {rows} rows for {len(image_at)} image placeholder tokens in input_ids")
         spans = image_spans(image_embeds, image_hashes, image_rows)
-        seq = Sequence(request_id, list(prompt_ids), params, image_embeds=image_embeds, image_positions=positions,
+        seq = Sequence(request_id, list(prompt_ids), params, image_embeds=image_embeds, image_positions=image_at,
                        image_spans=spans)
+        if positions is not None:
+            seq.positions = self._check_positions(positions, len(prompt_ids))
+            seq.position_delta = int(seq.positions.max()) + 1 - len(prompt_ids)
         self.scheduler.check_admissible(seq)
         for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
@@ -188,6 +194,16 @@ class LLMEngine:
         if params.structured_outputs:
             seq.matcher = self.grammars.matcher(params.structured_outputs)
         return seq
+
+    def _check_positions(self, positions: torch.Tensor, n: int) -> torch.Tensor:
+        rows = self.runner.position_rows
+        if rows == 1:  # 1-D rotary positions are always the token indexes here
+            raise ValueError("position_ids: this model takes none (its positions are the token indexes)")
+        if positions.dim() != 2 or tuple(positions.shape) != (rows, n):
+            raise ValueError(f"position_ids: expected [{rows}, {n}] (rows x prompt tokens), got {list(positions.shape)}")
+        if positions.min() < 0 or positions.max() >= self.scheduler.max_seq_len:
+            raise ValueError(f"position_ids: values must lie in [0, {self.scheduler.max_seq_len})")
+        return positions.to(torch.long)
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as tokens, alone and after a space (as vLLM: mid-text words carry the space)."""
@@ -223,22 +239,26 @@ class LLMEngine:
         self.pool.check(self.scheduler.block_tables())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 image_embeds: list[torch.Tensor | None] | None = None) -> list[list[int]]:
+                 image_embeds: list[torch.Tensor | None] | None = None,
+                 positions: list[torch.Tensor | None] | None = None) -> list[list[int]]:
         """Offline, synchronous: run every prompt to completion and return the generated ids."""
-        outs = self.generate_outputs(prompts, params, image_embeds)
+        outs = self.generate_outputs(prompts, params, image_embeds, positions)
         return [[t for o in outs[rid] if o.index == 0 for t in o.new_token_ids] for rid in outs]
 
     def generate_outputs(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                         image_embeds: list[torch.Tensor | None] | None = None) -> dict[str, list[RequestOutput]]:
+                         image_embeds: list[torch.Tensor | None] | None = None,
+                         positions: list[torch.Tensor | None] | None = None) -> dict[str, list[RequestOutput]]:
         """Offline, synchronous: every RequestOutput of every prompt, by request id in prompt order."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         embeds = image_embeds or [None] * len(prompts)
+        positions = positions or [None] * len(prompts)
         results: dict[str, list[RequestOutput]] = {}
-        for prompt, p, e in zip(prompts, params, embeds):
+        for prompt, p, e, pos in zip(prompts, params, embeds, positions):
             rid = self.new_request_id()
             results[rid] = []
             # Unbounded: the caller waits for all of them anyway.
-            self._submit(Live([self.make_sequence(rid, prompt, p, e)], results[rid].append, None), bounded=False)
+            seq = self.make_sequence(rid, prompt, p, e, pos)
+            self._submit(Live([seq], results[rid].append, None), bounded=False)
         while self.has_work():
             self._step_or_fail_all()
             self._iteration = IterationStats()  # no one reads them offline
@@ -403,7 +423,8 @@ class LLMEngine:
         children = []
         for index in range(1, seq.params.n):  # what may raise comes first, before any block is shared
             child = Sequence(seq.request_id, seq.token_ids[:seq.prompt_len], seq.params, image_embeds=seq.image_embeds,
-                             image_positions=seq.image_positions, prompt_len=seq.prompt_len, index=index, forked=True)
+                             image_positions=seq.image_positions, positions=seq.positions,
+                             position_delta=seq.position_delta, prompt_len=seq.prompt_len, index=index, forked=True)
             child.bad_word_ids = seq.bad_word_ids
             child.arrival_time, child.scheduled_at = seq.arrival_time, seq.scheduled_at
             child.block_hashes = seq.block_hashes[:full]

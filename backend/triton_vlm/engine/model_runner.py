@@ -49,8 +49,11 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or geometry.max_model_len, geometry.max_model_len)
         self.attention = make_attention(self.device, self.block_size, geometry, self.dtype)
         self.kv_cache = self.attention.kv_cache(g.num_layers, self.num_blocks, g.num_kv_heads, g.head_dim, self.dtype)
+        # Rows of rotary positions per token: 3 for M-RoPE (temporal, height, width), else 1.
+        self.position_rows = 3 if g.mrope_section else 1
         self.graphs = None
-        if config.cuda_graphs and getattr(self.attention, "supports_graphs", False):
+        # Graphs recompute plain 1-D positions inside; M-RoPE positions come per sequence (see run).
+        if config.cuda_graphs and self.position_rows == 1 and getattr(self.attention, "supports_graphs", False):
             from .cuda_graphs import DecodeGraphs
 
             with torch.inference_mode():
@@ -82,11 +85,13 @@ class ModelRunner:
         lens = [batch.num_new_tokens[i] for i in order]
         step = StepInput([s.num_computed for s in seqs], lens, [s.block_table for s in seqs],
                          num_decodes=sum(n == 1 for n in lens))
-        ids, image_at, image_rows, last_row, all_rows = [], [], [], {}, {}
+        ids, image_at, image_rows, last_row, all_rows, positions = [], [], [], {}, {}, []
         offset = 0
         for i, seq, n in zip(order, seqs, lens):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[start:end])
+            if self.position_rows > 1:
+                positions.append(seq.positions_of(start, end, self.position_rows))
             if start < seq.prompt_len and seq.image_positions:
                 at, rows = seq.image_rows_in(start, min(end, seq.prompt_len))
                 if at:
@@ -101,14 +106,17 @@ class ModelRunner:
         embeds = self.model.embed_tokens(torch.tensor(ids, device=dev))
         if image_at:
             embeds[torch.tensor(image_at, device=dev)] = torch.cat(image_rows).to(dev, self.dtype)
-        hidden = self.forward(embeds, step)
+        hidden = self.forward(embeds, step, torch.cat(positions, dim=1).to(dev) if positions else None)
         rows = [last_row[i] for i in sorted(last_row)] + [r for i in sorted(all_rows) for r in all_rows[i]]
         return self.model.logits(hidden[torch.tensor(rows, device=dev, dtype=torch.long)])
 
-    def forward(self, embeds: torch.Tensor, step: StepInput) -> torch.Tensor:
-        """Hidden states [T, hidden] for the step's flat batch; all its metadata is built here, once."""
+    def forward(self, embeds: torch.Tensor, step: StepInput, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] for the step's flat batch; all its metadata is built here, once.
+
+        positions: [rows, T] when they are not the token indexes (M-RoPE)."""
         graph = self.graphs.get(step) if self.graphs else None
         if graph is not None:
             return graph.replay(embeds, step)
         meta = self.attention.prepare(step)
-        return self.model(embeds, meta.positions, self.kv_cache, self.attention, meta)
+        return self.model(embeds, meta.positions if positions is None else positions, self.kv_cache, self.attention,
+                          meta)

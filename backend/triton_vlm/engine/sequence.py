@@ -46,6 +46,10 @@ class Sequence:
     image_embeds: torch.Tensor | None = None
     image_positions: list[int] = field(default_factory=list)
     image_spans: list[ImageSpan] = field(default_factory=list)  # in row order, covering every row
+    # Rotary positions of the prompt's tokens when they are not their indexes ([rows, prompt_len], e.g. the
+    # 3 rows of M-RoPE); every later token p sits at p + position_delta in each row. None: positions = indexes.
+    positions: torch.Tensor | None = None
+    position_delta: int = 0
     prompt_len: int = 0
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V sit in the cache
@@ -95,6 +99,14 @@ class Sequence:
     @property
     def generated_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
+
+    def positions_of(self, start: int, end: int, rows: int) -> torch.Tensor:
+        """Rotary positions [rows, end - start] of tokens start..end-1."""
+        if self.positions is None:
+            return torch.arange(start, end).expand(rows, -1)
+        cut = min(max(start, self.prompt_len), end)
+        later = torch.arange(cut, end) + self.position_delta
+        return torch.cat([self.positions[:, start:cut], later.expand(rows, -1)], dim=1)
 
     def image_rows_in(self, start: int, end: int) -> tuple[list[int], range]:
         """Positions in [start, end) that hold image rows, and which rows they take."""

@@ -1,4 +1,4 @@
-"""Load a LLaVA checkpoint's language-model weights from safetensors into our decoder."""
+"""Load a VLM checkpoint's language-model weights from safetensors into our decoder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +13,7 @@ PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("model.language_model.", ""),
     ("lm_head.", "lm_head."),
+    ("model.", ""),  # Qwen2-VL checkpoints: model.layers.*, model.embed_tokens (model.visual is not ours)
 )
 
 

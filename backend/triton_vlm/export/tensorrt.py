@@ -24,6 +24,28 @@ def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, image_si
     trt = require_tensorrt()
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    one, full = (1, 3, image_size, image_size), (max_batch_size, 3, image_size, image_size)
+    # opt = max: Triton's dynamic batcher fills batches under load, which is when speed matters.
+    return _build(trt, onnx_path, plan_path, {INPUT_NAME: (one, full, full)}, fp16)
+
+
+def patch_profile(input_shapes: dict[str, tuple], merge_unit: int, max_patches: int, opt_patches: int
+                  ) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """An optimisation profile over the patch count for a ragged vision encoder (Qwen2-VL): each input's
+    first axis counts patches, or merge blocks (patches / merge_unit) for window_index; the rest is fixed."""
+    profile = {}
+    for name, rest in input_shapes.items():
+        per = merge_unit if name == "window_index" else 1
+        profile[name] = tuple((n // per, *rest) for n in (merge_unit, opt_patches, max_patches))
+    return profile
+
+
+def build_tensorrt_ragged(onnx_path: str | Path, plan_path: str | Path, profile: dict, fp16: bool = True) -> Path:
+    """Compile a ragged vision encoder with `profile` (patch_profile) as its one optimisation profile."""
+    return _build(require_tensorrt(), onnx_path, plan_path, profile, fp16)
+
+
+def _build(trt, onnx_path, plan_path, profile_shapes: dict[str, tuple[tuple, tuple, tuple]], fp16: bool) -> Path:
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
@@ -40,13 +62,13 @@ def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, image_si
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
 
-    tensor = next((network.get_input(i) for i in range(network.num_inputs)
-                   if network.get_input(i).name == INPUT_NAME), None)
-    if tensor is None:
-        raise ValueError(f"{onnx_path} has no input named {INPUT_NAME!r}")
-    if tuple(tensor.shape)[1:] != (3, image_size, image_size):
-        raise ValueError(f"{onnx_path}: {INPUT_NAME} is {tuple(tensor.shape)}, expected (batch, 3, {image_size}, "
-                         f"{image_size})")
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    for name, (low, _, _) in profile_shapes.items():
+        if name not in inputs:
+            raise ValueError(f"{onnx_path} has no input named {name!r}")
+        shape = tuple(inputs[name].shape)
+        if len(shape) != len(low) or any(d != -1 and d != want for d, want in zip(shape[1:], low[1:])):
+            raise ValueError(f"{onnx_path}: {name} is {shape}, expected (*, {', '.join(map(str, low[1:]))})")
 
     config = builder.create_builder_config()
     if fp16:
@@ -55,11 +77,10 @@ def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, image_si
         else:
             # TensorRT 11 dropped weak typing: precision comes from the ONNX graph itself, which is FP32 here.
             warnings.warn(f"TensorRT {trt.__version__} has no FP16 builder flag; building in the ONNX model's "
-                          "own precision (FP32)", stacklevel=2)
+                          "own precision (FP32)", stacklevel=3)
     profile = builder.create_optimization_profile()
-    one, full = (1, 3, image_size, image_size), (max_batch_size, 3, image_size, image_size)
-    # opt = max: Triton's dynamic batcher fills batches under load, which is when speed matters.
-    profile.set_shape(INPUT_NAME, min=one, opt=full, max=full)
+    for name, (low, opt, high) in profile_shapes.items():
+        profile.set_shape(name, min=low, opt=opt, max=high)
     config.add_optimization_profile(profile)
 
     plan = builder.build_serialized_network(network, config)

@@ -126,6 +126,9 @@ class TritonPythonModel:
         embeds = optional_input(pb_utils, request, "image_embeds")
         if embeds is not None:
             embeds = torch.tensor(embeds.reshape(-1, embeds.shape[-1]), dtype=torch.float32)  # copy out of shm
+        positions = optional_input(pb_utils, request, "position_ids")
+        if positions is not None:
+            positions = torch.tensor(positions, dtype=torch.long)  # copy out of shm
         raw = scalar(optional_input(pb_utils, request, "sampling_parameters"), "sampling_parameters")
         params = SamplingParams.from_json(raw)
         # Per image: its rows in image_embeds and its content hash (prefix caching keys blocks by it).
@@ -135,7 +138,7 @@ class TritonPythonModel:
         request_id = request.request_id() or self.engine.new_request_id()
         return self.engine.make_sequence(request_id, ids.reshape(-1).tolist(), params, embeds,
                                          None if hashes is None else [bytes(h) for h in hashes.reshape(-1)],
-                                         None if rows is None else rows.reshape(-1).tolist())
+                                         None if rows is None else rows.reshape(-1).tolist(), positions)
 
     def finalize(self):
         self.engine.on_step = None

@@ -16,6 +16,7 @@ blocks are freed at once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -46,7 +47,7 @@ INPUTS = ("text_input", "messages", "image", "image_uuid", "sampling_parameters"
           *(f"return_{name}" for name in EXTRA_OUTPUTS))
 INPUTS += tuple(SCALAR_INPUTS)  # TensorRT-LLM's per-setting tensors
 # How llm's input refusals begin.
-LLM_INPUT_NAMES = ("input_ids", "image_embeds", "image_rows", "image_hashes", "sampling_parameters")
+LLM_INPUT_NAMES = ("input_ids", "image_embeds", "image_rows", "image_hashes", "position_ids", "sampling_parameters")
 POLL_S = 0.05  # the most often a request asks whether its client cancelled (a round trip each)
 HEARTBEAT_S = 0.25  # the longest a request waits for llm before it checks on its client
 PING_AFTER_S = 2.0  # llm silence after which we ask whether llm is alive
@@ -318,6 +319,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.pre = Preprocessor(params["checkpoint"])
         self.vision_max_batch = int(params.get("vision_max_batch_size") or 8)
+        self.vision_backend = params.get("vision_backend") or "onnxruntime"
         # `build` resolved the limits against the engine's context length; this only fills gaps.
         self.limits = ServingLimits.from_params(params).resolved(self.pre.geometry.max_model_len)
         # A thread per admitted request (not a pool: a thread stuck on a dead llm stub must not keep a
@@ -399,16 +401,20 @@ class TritonPythonModel:
         self._check(reply)  # it may have been cancelled while queued
         req = self._parse(inputs)
         _check_stream_echo(inputs)
-        input_ids = self._tokenize(req)  # refuse over-long prompts before any vision work
-        if req.images:
-            images = self._image_embeds(req.images, reply)
-        else:
-            images = None
+        if not req.images:
+            images, positions = None, None
+            input_ids = self._tokenize(req, [])
             self.metrics.record_request(0, None)
+        elif self.pre.family.FIXED_IMAGE_TOKENS:
+            # Refuse an over-long prompt before any vision work; repeated images come from the image cache.
+            input_ids = self._tokenize(req, [self.pre.geometry.image_seq_len] * len(req.images))
+            images, positions = self._image_embeds(req.images, reply), None
+        else:
+            images, input_ids, positions = self._sized_images(req, reply)
         self._check(reply)
         request_id = uuid.uuid4().hex
-        outputs = llm_outputs(self.listener, lambda: self._llm_request(request_id, input_ids, req.params, images),
-                              request_id)
+        outputs = llm_outputs(self.listener,
+                              lambda: self._llm_request(request_id, input_ids, req.params, images, positions), request_id)
         flight = InFlight(reply)
         self._in_flight[request_id] = flight
         try:
@@ -533,18 +539,21 @@ class TritonPythonModel:
         return prompt, [Media(f"image[{i}]", b) for i, b in enumerate(blobs)]
 
     def _chat(self, raw: str, blobs: list[bytes]) -> tuple[str, list[Media]]:
-        """OpenAI messages through the checkpoint's chat template; video frames count as images."""
+        """OpenAI messages through the checkpoint's chat template; video frames count as images (a family with
+        native video gets each video as one placeholder and one Media of frames)."""
         chat = parse_messages(raw, blobs, image_token=self.pre.image_token,
-                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels)
+                              max_images=self.limits.max_images_per_request, max_pixels=self.limits.max_image_pixels,
+                              native_video=self.pre.family.NATIVE_VIDEO)
         prompt = self.pre.chat_prompt(chat.messages)
         n_slots = self.pre.count_placeholders(prompt)
         if n_slots != len(chat.media):
-            raise ValueError(f"messages: the chat template rendered {n_slots} {self.pre.image_token} placeholder(s) "
-                             f"for {len(chat.media)} image(s) (video frames included)")
+            raise ValueError(f"messages: the chat template rendered {n_slots} {'/'.join(self.pre.placeholders)} "
+                             f"placeholder(s) for {len(chat.media)} image(s) or video(s)")
         return prompt, chat.media
 
-    def _tokenize(self, req: VLMRequest) -> np.ndarray:
-        ids = np.asarray(self.pre.input_ids(req.prompt), dtype=np.int64)
+    def _tokenize(self, req: VLMRequest, tokens: list[int]) -> np.ndarray:
+        """tokens: each image's (or video's) rows, in placeholder order."""
+        ids = np.asarray(self.pre.input_ids(req.prompt, tokens), dtype=np.int64)
         if len(ids) > self.limits.max_prompt_tokens:
             raise RequestError(f"{req.prompt_field}: prompt has {len(ids)} tokens (image tokens included); at most "
                                f"{self.limits.max_prompt_tokens} fit (max_prompt_tokens)")
@@ -584,9 +593,10 @@ class TritonPythonModel:
                                  "longer held; send it again")
         if missing:
             pil = [as_image(refs[i].data, media[i].field, self.limits.max_image_pixels) for i in missing]
+            vision = self.pre.vision_request(pil, self.limits.max_image_pixels, [media[i].field for i in missing])
             self._check(reply)
             started = time.monotonic()
-            embeds = self._embed_images(pil, [media[i].field for i in missing])
+            embeds = _split(self._embed_images(vision), vision.tokens)
             vision_s = time.monotonic() - started
             for i, e in zip(missing, embeds):
                 found[i] = e
@@ -598,8 +608,27 @@ class TritonPythonModel:
                                     misses=len(missing))
         return [(r.key, e) for r, e in zip(refs, found)]
 
+    def _sized_images(self, req: VLMRequest, reply: Reply) -> tuple[list[tuple[str, np.ndarray]], np.ndarray, np.ndarray]:
+        """Families whose image tokens follow the image's size (Qwen2-VL): every image is decoded, since its
+        size sets the prompt's tokens and positions; no image cache. Returns (content hash, rows) per image or
+        video, the input ids and the positions."""
+        data = [m.data.data if isinstance(m.data, ImageRef) else m.data for m in req.images]
+        if any(d is None for d in data):
+            raise ValueError("image_uuid: this model's images must be sent (its image tokens follow each image's size)")
+        images = [[as_image(f, m.field, self.limits.max_image_pixels) for f in d] if isinstance(d, list)
+                  else as_image(d, m.field, self.limits.max_image_pixels) for d, m in zip(data, req.images)]
+        vision = self.pre.vision_request(images, self.limits.max_image_pixels, [m.field for m in req.images])
+        input_ids = self._tokenize(req, vision.tokens)  # refuse over-long prompts before vision_encoder work
+        positions = self.pre.positions(input_ids.tolist(), vision)
+        self._check(reply)
+        started = time.monotonic()
+        rows = _split(self._embed_images(vision), vision.tokens)
+        self.metrics.record_request(len(images), time.monotonic() - started, misses=len(images))
+        keys = [_video_hash(d) if isinstance(d, list) else content_hash(d) for d in data]
+        return list(zip(keys, rows)), input_ids, positions
+
     def _llm_request(self, request_id: str, input_ids, params: SamplingParams,
-                     images: list[tuple[str, np.ndarray]] | None):
+                     images: list[tuple[str, np.ndarray]] | None, positions: np.ndarray | None):
         inputs = [pb_utils.Tensor("input_ids", input_ids),
                   pb_utils.Tensor("sampling_parameters", np.array([params.to_json().encode()], dtype=object)),
                   pb_utils.Tensor("reply_to", np.array([self.listener.path.encode()], dtype=object))]
@@ -607,6 +636,8 @@ class TritonPythonModel:
             inputs += [pb_utils.Tensor("image_embeds", np.concatenate([e for _, e in images])),
                        pb_utils.Tensor("image_rows", np.array([len(e) for _, e in images], dtype=np.int64)),
                        pb_utils.Tensor("image_hashes", np.array([k.encode() for k, _ in images], dtype=object))]
+        if positions is not None:  # the family's (M-RoPE), where they are not the token indexes
+            inputs.append(pb_utils.Tensor("position_ids", np.ascontiguousarray(positions, dtype=np.int64)))
         return pb_utils.InferenceRequest(model_name="llm", inputs=inputs, request_id=request_id,
                                          requested_output_names=[])
 
@@ -617,13 +648,25 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001  (a dead llm has nothing left to free)
             log_error(f"vlm: could not abort llm request {request_id}: {e}")
 
-    def _embed_images(self, images, fields: list[str]) -> np.ndarray:
-        pixels = self.pre.pixel_values(images, max_pixels=self.limits.max_image_pixels, fields=fields)
-        chunks = []
-        for start in range(0, len(pixels), self.vision_max_batch):
-            batch = pixels[start:start + self.vision_max_batch]
-            chunks.append(_encode(batch, self.limits.vision_timeout_s))
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+    def _embed_images(self, vision) -> np.ndarray:
+        """Image rows in placeholder order, from as few vision_encoder calls as the family allows."""
+        chunks = [_encode(inputs, self.limits.vision_timeout_s)
+                  for inputs in self.pre.family.vision_batches(self.pre.geometry, vision.inputs,
+                                                                     self.vision_max_batch, self.vision_backend)]
+        embeds = np.concatenate(chunks).astype(np.float32, copy=False)
+        return embeds.reshape(-1, embeds.shape[-1])
+
+
+def _split(rows: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """One image's rows each: `counts` in order."""
+    return np.split(rows, np.cumsum(counts)[:-1])
+
+
+def _video_hash(frames: list) -> str:
+    h = hashlib.sha256(b"video\n")
+    for frame in frames:
+        h.update(content_hash(frame).encode())
+    return h.hexdigest()
 
 
 def log_error(message: str) -> None:
@@ -631,10 +674,10 @@ def log_error(message: str) -> None:
         pb_utils.Logger.log_error(message)
 
 
-def _encode(pixels: np.ndarray, timeout_s: float) -> np.ndarray:
+def _encode(inputs: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
     with PB_LOCK:
         request = pb_utils.InferenceRequest(model_name="vision_encoder", requested_output_names=["image_embeds"],
-                                            inputs=[pb_utils.Tensor("pixel_values", pixels)],
+                                            inputs=[pb_utils.Tensor(name, a) for name, a in inputs.items()],
                                             timeout=int(timeout_s * 1e6))
     # Not under PB_LOCK: concurrent calls are what lets vision_encoder batch across requests.
     response = request.exec()
