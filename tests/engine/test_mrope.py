@@ -70,3 +70,22 @@ def test_positions_for_a_model_without_mrope_are_refused(tiny_checkpoint):
     engine = LLMEngine(str(tiny_checkpoint), EngineConfig(num_kv_blocks=16, block_size=8))
     with pytest.raises(ValueError, match=r"^position_ids: this model takes none"):
         engine.make_sequence("r", [1, 2, 3], SamplingParams(), positions=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_prefix_cache_hits_keep_positions_and_tell_images_apart(qwen_checkpoint, hf_qwen):
+    """A repeated prompt with its image reuses cached blocks (positions continue from the cached prefix); the
+    same text with another image of another size must not hit past the text before the image."""
+    engine = LLMEngine(str(qwen_checkpoint), EngineConfig(num_kv_blocks=128, block_size=8))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    expected = {i: hf_qwen.generate_ids(QWEN_PROMPTS[1], [IMAGES[i]], MAX_TOKENS) for i in (0, 1)}
+    for i, hit in ((0, False), (0, True), (1, False)):
+        ids, embeds, positions = engine_inputs(hf_qwen, engine.geometry, QWEN_PROMPTS[1], [IMAGES[i]])
+        before = engine.scheduler.prefix_hits
+        assert engine.generate([ids], params, [embeds], [positions]) == [expected[i]]
+        gained = engine.scheduler.prefix_hits - before
+        first_image = ids.index(engine.geometry.image_token_id)
+        if hit:  # every whole block but the one holding the last prompt token
+            assert gained == (len(ids) - 1) // 8 * 8
+        else:  # at most the blocks before the image
+            assert gained <= first_image // 8 * 8
+        engine.check()
