@@ -187,5 +187,5 @@ output [
 ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 {params_text({"checkpoint": checkpoint, "vision_max_batch_size": o.vision_max_batch_size,
-              "vision_backend": o.vision_backend, "image_cache_mb": o.image_cache_mb, **limits.toparams_text()})}
+              "vision_backend": o.vision_backend, "image_cache_mb": o.image_cache_mb, **limits.to_params()})}
 """

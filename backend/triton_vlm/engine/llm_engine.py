@@ -257,7 +257,7 @@ class LLMEngine:
             rid = self.new_request_id()
             results[rid] = []
             # Unbounded: the caller waits for all of them anyway.
-            seq = self.make_sequence(rid, prompt, p, e, pos)
+            seq = self.make_sequence(rid, prompt, p, e, positions=pos)
             self._submit(Live([seq], results[rid].append, None), bounded=False)
         while self.has_work():
             self._step_or_fail_all()
