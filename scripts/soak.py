@@ -21,7 +21,8 @@ from triton_vlm import soak
 
 def endpoints(args, stack: contextlib.ExitStack) -> soak.Endpoints:
     if not args.url:
-        server = stack.enter_context(soak.own_server(args.checkpoint, args.work_dir, dict(args.llm_param)))
+        server = stack.enter_context(soak.own_server(args.checkpoint, args.work_dir, dict(args.llm_param),
+                                                   args.image_cache_mb))
         print(f"tritonserver ready at {server.grpc_url} (log {server.log_path})", file=sys.stderr, flush=True)
         return soak.Endpoints.of(server)
     host = args.url.rsplit(":", 1)[0]
@@ -51,6 +52,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default="models/toy-vlm", help="served here unless --url is given")
     ap.add_argument("--work-dir", default="work/soak", help="repository and server.log of the served checkpoint")
+    ap.add_argument("--image-cache-mb", type=float, default=1.0,
+                    help="vlm's image cache of the served checkpoint (default 1: it fills in the warm-up, so "
+                         "growth after it is a leak, not the cache filling)")
     ap.add_argument("--llm-param", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--url", help="gRPC address of a running server, e.g. 127.0.0.1:8001")
     ap.add_argument("--http-url", help="its HTTP address (default: the same host, port 8000)")

@@ -428,13 +428,18 @@ def run_soak(cfg: SoakConfig, endpoints: Endpoints, log: Callable[[str], None] =
 
 
 @contextlib.contextmanager
-def own_server(checkpoint: str | Path, work_dir: str | Path, llm_params: dict[str, str] | None = None):
-    """Build a repository for `checkpoint` under `work_dir`, serve it (log: work_dir/server.log)."""
+def own_server(checkpoint: str | Path, work_dir: str | Path, llm_params: dict[str, str] | None = None,
+               image_cache_mb: float = 1.0):
+    """Build a repository for `checkpoint` under `work_dir`, serve it (log: work_dir/server.log).
+
+    A small image cache by default: it fills during the warm-up, so RSS growth after it is a leak rather
+    than vlm's bounded cache filling (256 MB by default)."""
     from triton_vlm.repository import BuildOptions, build_repository
     from triton_vlm.server import TritonServer
 
     work_dir = Path(work_dir)
-    repo = build_repository(checkpoint, work_dir / "repo", BuildOptions(llm=dict(llm_params or {})))
+    repo = build_repository(checkpoint, work_dir / "repo",
+                            BuildOptions(llm=dict(llm_params or {}), image_cache_mb=image_cache_mb))
     with TritonServer(repo, log_path=work_dir / "server.log") as server:
         yield server
 
