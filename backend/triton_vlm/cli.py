@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="without --gpus: llm engines on CPU, each its own process and KV pool")
     p.add_argument("--llm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting for the llm model, e.g. block_size=16, num_kv_blocks=4096; "
-                        "torch_threads=N: the llm stub's share of the cores (default: half of them)")
+                        "torch_threads=N: the llm stub's share of the cores (default: all of them)")
     p.add_argument("--vision-threads", type=int, default=0,
                    help="onnxruntime threads of the vision_encoder stub (default 0: onnxruntime's own, one per core)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
