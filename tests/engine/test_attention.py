@@ -1,14 +1,19 @@
-"""Paged attention (the plain-torch backend) against dense causal attention, on ragged mixed batches."""
+"""Paged attention (the CPU backend, with and without its compiled decode kernel) against dense causal
+attention, on ragged mixed batches."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from triton_vlm.engine import cpu_kernel
 from triton_vlm.engine.attention import StepInput, TorchAttention, write_kv
 from triton_vlm.engine.block_pool import BlockPool
 
 BLOCK = 4
+KERNEL = pytest.param(True, id="kernel", marks=pytest.mark.skipif(
+    cpu_kernel.load() is None, reason="no C compiler here: the compiled decode kernel cannot be built"))
+DECODE_PATHS = [pytest.param(False, id="torch"), KERNEL]
 
 
 def dense_reference(q, k_all, v_all, start, n, scale):
@@ -22,11 +27,13 @@ def dense_reference(q, k_all, v_all, start, n, scale):
     return torch.einsum("hqk,khd->qhd", probs, v.double()).float()
 
 
-def run_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int = 8, num_blocks: int = 64):
+def run_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int = 8, num_blocks: int = 64,
+             use_kernel: bool = False):
     """seqs: (tokens already cached, new tokens), decodes (n == 1) first. Returns (paged, dense) outputs."""
     torch.manual_seed(0)
-    backend = TorchAttention(BLOCK, torch.device("cpu"))
+    backend = TorchAttention(BLOCK, torch.device("cpu"), use_kernel)
     k_cache, v_cache = backend.kv_cache(1, num_blocks, kv_heads, dim, torch.float32)[:, 0]
+    assert (backend.kernel is not None) == use_kernel
     pool = BlockPool(num_blocks)
     pool.allocate(7)  # so tables do not start at block 0
     tables, full_k, full_v = [], [], []
@@ -60,19 +67,21 @@ def run_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int = 
     return out, torch.cat(expected), meta
 
 
+@pytest.mark.parametrize("use_kernel", DECODE_PATHS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
-def test_mixed_decodes_and_prefill_chunks_match_dense(heads, kv_heads):
+def test_mixed_decodes_and_prefill_chunks_match_dense(heads, kv_heads, use_kernel):
     # Decodes at block boundaries (context 4, 5, 8, 1) and in the middle; prefill chunks that start at 0,
     # mid-block and on a boundary, one of them a whole prompt of one block.
     seqs = [(3, 1), (4, 1), (7, 1), (0, 1), (13, 1), (0, 9), (6, 5), (8, 4), (0, 4)]
-    out, expected, meta = run_step(seqs, heads, kv_heads)
+    out, expected, meta = run_step(seqs, heads, kv_heads, use_kernel=use_kernel)
     assert meta.num_decodes == 5
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_only_batch_matches_dense():
+@pytest.mark.parametrize("use_kernel", DECODE_PATHS)
+def test_decode_only_batch_matches_dense(use_kernel):
     seqs = [(s, 1) for s in (0, 3, 4, 15, 16, 31, 2)]
-    out, expected, meta = run_step(seqs, 8, 2)
+    out, expected, meta = run_step(seqs, 8, 2, dim=64, use_kernel=use_kernel)
     assert meta.num_decodes == len(seqs) and meta.pre_mask.numel() == 0
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -86,11 +95,20 @@ def test_prefill_only_batch_matches_dense():
 def test_metadata_is_o_of_live_blocks():
     # Two decodes, one long and one short: the short one gathers only its own block, never padding.
     _, _, meta = run_step([(40, 1), (1, 1)], 4, 4)
+    assert meta.dec_tables.numel() == 0
     assert meta.dec_blocks.numel() == 11 + 1
     assert meta.dec_block_row.tolist() == [0] * 11 + [1]
     # The last block of the long decode holds 1 live token (position 40), the short one 2.
     assert torch.isinf(meta.dec_block_bias[10, 0, 0]).tolist() == [False, True, True, True]
     assert torch.isinf(meta.dec_block_bias[11, 0, 0]).tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("use_kernel", [KERNEL])
+def test_kernel_metadata_is_the_tables_in_use(use_kernel):
+    # The kernel reads blocks in place: it is given each decode's blocks in use and its context, no gather.
+    _, _, meta = run_step([(40, 1), (1, 1), (3, 1)], 4, 4, use_kernel=True)
+    assert meta.dec_offsets.tolist() == [0, 11, 12, 13] and meta.dec_context.tolist() == [41, 2, 4]
+    assert meta.dec_tables.tolist()[:11] == list(range(7, 18)) and meta.dec_blocks.numel() == 0
 
 
 def test_write_kv_puts_each_token_in_its_slot():

@@ -8,8 +8,10 @@ Cache layout here: per layer [num_blocks, kv_heads, block_size, head_dim], so a 
 ready for a batched matmul. A token's slot is block_table[pos // block_size] * block_size + pos % block_size.
 
 The flat batch holds the decodes first (one token each), then the prefill chunks:
-- decodes attend block by block (flash-decoding): scores of each gathered block against its
-  sequence's query, a softmax per block, then the blocks of one sequence merged by their
+- decodes, in fp32 where a C compiler is found: cpu_kernel.py's compiled kernel reads each sequence's
+  blocks in place through its block table (no copy), one online softmax per sequence and kv head.
+- decodes otherwise attend block by block in torch (flash-decoding): scores of each gathered block
+  against its sequence's query, a softmax per block, then the blocks of one sequence merged by their
   log-sum-exp (a [decodes, blocks] 0/1 matmul sums the blocks of each sequence). Work and copies are
   O(live tokens), rounded up to whole blocks.
 - prefill chunks attend in one batched SDPA call: each chunk's queries and gathered blocks padded to the
@@ -22,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernel
 
 
 class StepInput(NamedTuple):
@@ -53,11 +57,16 @@ class TorchMetadata:
     slot_mapping: torch.Tensor  # [T]
     cache_rows: torch.Tensor  # [T * kv_heads]: each new token's row per kv head in a cache viewed as [-1, head_dim]
     num_decodes: int
-    # decodes: the gathered blocks, the decode row each belongs to, -inf past the context in its last block
+    # decodes, torch path: the gathered blocks, the decode row each belongs to, -inf past the context in its
+    # last block; kernel path: the blocks in use (int32, flat), where each decode's start, its context length.
+    # Each path leaves the other's fields empty.
     dec_blocks: torch.Tensor  # [NB]
     dec_block_row: torch.Tensor  # [NB]
     dec_block_bias: torch.Tensor  # [NB, 1, 1, block_size]
     dec_select: torch.Tensor  # [num_decodes, NB]: 1 where the block belongs to the decode
+    dec_tables: torch.Tensor  # [NB] int32
+    dec_offsets: torch.Tensor  # [num_decodes + 1] int32
+    dec_context: torch.Tensor  # [num_decodes] int32
     # prefill chunks, padded to P x max_q queries over P x (max_blocks * block_size) slots
     pre_blocks: torch.Tensor  # [P * max_blocks], padded with block 0 (masked out)
     pre_rows: torch.Tensor  # [Tp]: each prefill query's row in the padded [P * max_q] layout
@@ -65,14 +74,18 @@ class TorchMetadata:
 
 
 class TorchAttention:
-    def __init__(self, block_size: int, device: torch.device):
+    def __init__(self, block_size: int, device: torch.device, use_kernel: bool = True):
         self.block_size = block_size
         self.device = device
         self.kv_heads, self.dtype = 1, torch.float32  # set by kv_cache
+        self.use_kernel = use_kernel
+        self.kernel = None  # cpu_kernel's paged_decode, loaded by kv_cache where it applies
 
     def kv_cache(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype) -> torch.Tensor:
         self.kv_heads, self.dtype = kv_heads, dtype
+        if self.use_kernel and self.device.type == "cpu" and dtype == torch.float32:
+            self.kernel = cpu_kernel.load()
         return torch.zeros(2, num_layers, num_blocks, kv_heads, self.block_size, head_dim, dtype=dtype,
                            device=self.device)
 
@@ -82,7 +95,8 @@ class TorchAttention:
         put = lambda x: torch.as_tensor(x).to(self.device, non_blocking=True)  # noqa: E731
         return TorchMetadata(put(torch.tensor(step_positions(step), dtype=torch.long)), put(slots),
                              put(self._cache_rows(slots)), step.num_decodes,
-                             *map(put, self._decode_part(step)), *map(put, self._prefill_part(step)))
+                             *map(put, self._decode_part(step)), *map(put, self._kernel_part(step)),
+                             *map(put, self._prefill_part(step)))
 
     def _cache_rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Row of each (token, kv head) in a cache viewed as [blocks * kv_heads * bs, head_dim]."""
@@ -90,8 +104,21 @@ class TorchAttention:
         heads = torch.arange(self.kv_heads)
         return (((slots // bs)[:, None] * self.kv_heads + heads) * bs + (slots % bs)[:, None]).flatten()
 
+    def _kernel_part(self, step: StepInput) -> tuple[torch.Tensor, ...]:
+        if self.kernel is None:
+            return (torch.empty(0, dtype=torch.int32),) * 3
+        tables = blocks_in_use(step, 0, step.num_decodes, self.block_size)
+        offsets = [0]
+        for table in tables:
+            offsets.append(offsets[-1] + len(table))
+        as_int32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+        return (as_int32([b for t in tables for b in t]), as_int32(offsets),
+                as_int32([start + 1 for start in step.starts[:step.num_decodes]]))
+
     def _decode_part(self, step: StepInput) -> tuple[torch.Tensor, ...]:
         bs, nd = self.block_size, step.num_decodes
+        if self.kernel is not None:
+            nd = 0  # the kernel path needs none of these
         tables = blocks_in_use(step, 0, nd, bs)
         rows = [i for i, table in enumerate(tables) for _ in table]
         # Position of each block's first token, and its decode's context length after this step.
@@ -127,9 +154,15 @@ class TorchAttention:
         write_kv(k_cache, v_cache, k, v, meta.cache_rows)
         nd = meta.num_decodes
         if nd == q.shape[0]:
-            return decode_attention(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale)
         pre = prefill_attention(q[nd:], k_cache, v_cache, meta, scale)
-        return pre if nd == 0 else torch.cat((decode_attention(q[:nd], k_cache, v_cache, meta, scale), pre))
+        return pre if nd == 0 else torch.cat((self._decode(q[:nd], k_cache, v_cache, meta, scale), pre))
+
+    def _decode(self, q, k_cache, v_cache, meta: TorchMetadata, scale: float) -> torch.Tensor:
+        if self.kernel is None:
+            return decode_attention(q, k_cache, v_cache, meta, scale)
+        return cpu_kernel.paged_decode(self.kernel, q, k_cache, v_cache, meta.dec_tables, meta.dec_offsets,
+                                       meta.dec_context, scale)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -43,6 +43,7 @@ class ModelRunner:
             self.model = LlamaForCausalLM(geometry.text).to(self.dtype)
         load_decoder_weights(self.model, checkpoint)
         self.model.fuse()
+        self.model.pack()
         self.model.eval()
         g = geometry.text
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(config)

@@ -60,7 +60,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset = froz
     live_seqs = [seqs[i] for i in good]
     dev = sub.device
     shaped = shape_logits(sub, live_seqs, live)
-    tokens = shaped.argmax(dim=-1)
+    tokens = shaped.max(dim=-1).indices  # the first maximum, as argmax; about twice as fast on CPU
     # Greedy rows (the common case) draw no noise and build no distribution.
     sampled = [j for j, r in enumerate(live) if not r.greedy]
     not_finite = torch.zeros(len(live), dtype=torch.bool, device=dev)
@@ -139,7 +139,13 @@ def _banned_by_bad_words(seq: Sequence) -> list[int]:
 
 
 def shape_logits(logits: torch.Tensor, seqs: list[Sequence], rows: list[Row]) -> torch.Tensor:
-    """Masks, logit bias and penalties, all rows at once: what greedy rows take the argmax of."""
+    """Masks, logit bias and penalties, all rows at once: what greedy rows take the argmax of.
+
+    Returns `logits` itself when no row shapes anything (it is sample's own copy)."""
+    if not any(r.banned or s.params.allowed_token_ids or s.matcher is not None or s.params.logit_bias
+               or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty != 0.0
+               or s.params.presence_penalty != 0.0 for s, r in zip(seqs, rows)):
+        return logits
     x = logits.clone()
     vocab = x.shape[-1]
     dev = x.device

@@ -1,0 +1,173 @@
+"""A compiled CPU kernel for decode attention over the paged cache: C source, build and load.
+
+Decode attention in plain torch must gather every sequence's blocks into a fresh tensor in every layer
+(the copy is most of its cost). This kernel reads the blocks where they lie, through the block table,
+with an online softmax per (sequence, kv head): one pass over the live keys and values.
+
+It is built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
+directory keyed by the source and the CPU, and loaded with ctypes. Where no compiler is found, or the
+build fails, `load()` returns None and attention.py keeps its torch path. TRITON_VLM_CPU_KERNEL=0 turns
+it off. OpenMP comes from torch's own libgomp (same soname, already loaded), so both share one pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* One (query row, kv head): the row's `group` query heads over its first ctx keys, block by block.
+   Online softmax: m is the running maximum, l the running sum of exp(score - m), acc the weighted values.
+   Inlined with a constant dim (see paged_decode), so acc stays in registers and loops unroll. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const float *kc, const float *vc, const int32_t *table, int ctx, float *out, int h,
+        int kv_heads, int group, const int dim, int bs, float scale) {
+    float m[group], l[group], acc[group * dim], s[bs];
+    for (int g = 0; g < group; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
+    for (int j = 0; j < group * dim; j++) acc[j] = 0.0f;
+    for (int b = 0; b * bs < ctx; b++) {
+        int live = ctx - b * bs < bs ? ctx - b * bs : bs;
+        size_t base = ((size_t)table[b] * kv_heads + h) * bs * dim;
+        const float *kb = kc + base, *vb = vc + base;
+        for (int g = 0; g < group; g++) {
+            const float *qg = q + (size_t)g * dim;
+            int t = 0;
+            for (; t + 4 <= live; t += 4) {  /* four independent dot products hide the FMA latency */
+                const float *k0 = kb + (size_t)t * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+                for (int d = 0; d < dim; d++) {
+                    a0 += qg[d] * k0[d]; a1 += qg[d] * k1[d]; a2 += qg[d] * k2[d]; a3 += qg[d] * k3[d];
+                }
+                s[t] = a0 * scale; s[t + 1] = a1 * scale; s[t + 2] = a2 * scale; s[t + 3] = a3 * scale;
+            }
+            for (; t < live; t++) {
+                const float *kt = kb + (size_t)t * dim;
+                float a = 0.0f;
+                for (int d = 0; d < dim; d++) a += qg[d] * kt[d];
+                s[t] = a * scale;
+            }
+            float top = m[g];
+            for (t = 0; t < live; t++) top = s[t] > top ? s[t] : top;
+            float keep = expf(m[g] - top);  /* 0 on the first block: m[g] is -inf */
+            float sum = 0.0f;
+            for (t = 0; t < live; t++) { s[t] = expf(s[t] - top); sum += s[t]; }
+            float *ag = acc + (size_t)g * dim;
+            for (int d = 0; d < dim; d++) ag[d] *= keep;
+            for (t = 0; t < live; t++) {
+                const float *vt = vb + (size_t)t * dim;
+                for (int d = 0; d < dim; d++) ag[d] += s[t] * vt[d];
+            }
+            l[g] = l[g] * keep + sum;
+            m[g] = top;
+        }
+    }
+    for (int g = 0; g < group; g++)
+        for (int d = 0; d < dim; d++) out[(size_t)g * dim + d] = acc[(size_t)g * dim + d] / l[g];
+}
+
+/* q, out: [n, heads, dim]; kc, vc: [blocks, kv_heads, bs, dim]; row i reads blocks
+   tables[offsets[i]:offsets[i+1]] and its first ctx[i] keys. */
+void paged_decode(const float *q, const float *kc, const float *vc, const int32_t *tables,
+                  const int32_t *offsets, const int32_t *ctx, float *out, int n, int heads, int kv_heads,
+                  int dim, int bs, float scale, int threads) {
+    int group = heads / kv_heads;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < kv_heads; h++) {
+            size_t row = ((size_t)i * heads + (size_t)h * group) * dim;
+            const int32_t *table = tables + offsets[i];
+            if (dim == 64)
+                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, 64, bs, scale);
+            else if (dim == 128)
+                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, 128, bs, scale);
+            else
+                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, dim, bs, scale);
+        }
+}
+"""
+
+# Reassociation lets the dot products vectorise, no errno lets expf; infinities stay (the maximum starts at -inf).
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math", "-fno-math-errno", "-std=c99"]
+
+_loaded: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "triton-vlm" / "kernels"
+
+
+def _cpu_key() -> str:
+    """The CPU's model and flags: -march=native code must not load on another CPU that shares the cache."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        wanted = []
+    return "\n".join([platform.machine(), *wanted])
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"paged_decode-{digest}.so"
+
+
+def build(path: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src, out = Path(tmp) / "paged_decode.c", Path(tmp) / path.name
+        src.write_text(SOURCE)
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(out, path)  # atomic: a concurrent loader sees the whole library or none
+
+
+def load():
+    """The kernel's `paged_decode` function, or None (no compiler, a failed build, or switched off)."""
+    if os.environ.get("TRITON_VLM_CPU_KERNEL", "1") == "0":
+        return None
+    path = library_path()
+    if str(path) in _loaded:
+        return _loaded[str(path)]
+    fn = None
+    try:
+        if not path.exists():
+            build(path)
+        fn = ctypes.CDLL(str(path)).paged_decode
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", detail)
+    _loaded[str(path)] = fn
+    return fn
+
+
+def paged_decode(fn, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 offsets: torch.Tensor, ctx: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, heads, dim] (fp32, contiguous) -> [n, heads, dim]; tables/offsets/ctx int32 (see SOURCE)."""
+    n, heads, dim = q.shape
+    _, kv_heads, bs, _ = k_cache.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), offsets.data_ptr(), ctx.data_ptr(),
+       out.data_ptr(), n, heads, kv_heads, dim, bs, scale, torch.get_num_threads())
+    return out
