@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .engine.config import EngineConfig
+
 
 @dataclass
 class Preset:
@@ -137,11 +139,10 @@ def hf_generate_batch(model, prompts, max_tokens, pad_id):
     return [list(r.generated_tokens) for r in by_order]
 
 
-BLOCK_SIZE = 16  # the engine's default; bench --block-size changes it for every engine the run builds
+BLOCK_SIZE = EngineConfig.block_size  # the engine's default; bench --block-size changes it for every engine the run builds
 
 
 def our_engine(checkpoint: Path, max_seqs: int, kv_blocks: int = 0):
-    from .engine.config import EngineConfig
     from .engine.llm_engine import LLMEngine
 
     return LLMEngine(str(checkpoint), EngineConfig(max_num_seqs=max(max_seqs, 1), num_kv_blocks=kv_blocks,

@@ -8,6 +8,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .engine.config import EngineConfig
 from .limits import ServingLimits
 
 
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="decode batch sizes for efficiency")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (median)")
-    p.add_argument("--block-size", type=int, default=16, help="KV block size of the engine under test")
+    p.add_argument("--block-size", type=int, default=EngineConfig.block_size,
+                   help="KV block size of the engine under test")
     p.add_argument("--kv-budget-tokens", type=int, default=8192, help="roofline: the fixed KV budget")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every system (0: torch's default); on a shared machine 1 avoids "

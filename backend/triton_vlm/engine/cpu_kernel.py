@@ -30,53 +30,77 @@ SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
 
-/* One (query row, kv head): the row's `group` query heads over its first ctx keys, block by block.
-   Online softmax: m is the running maximum, l the running sum of exp(score - m), acc the weighted values.
-   Inlined with a constant dim (see paged_decode), so acc stays in registers and loops unroll. */
+#define AHEAD 1  /* blocks prefetched ahead: 1, 2 and 4 measured the same; none, 15% slower */
+
+/* One kv head of one block: `live` keys against the head's `group` queries, folded into the online
+   softmax state (m: running maximum, l: running sum of exp(score - m), acc: the weighted values). */
+static inline __attribute__((always_inline)) void fold_block(
+        const float *q, const float *kb, const float *vb, int live, float *m, float *l, float *acc, float *s,
+        int group, const int dim, float scale) {
+    for (int g = 0; g < group; g++) {
+        const float *qg = q + (size_t)g * dim;
+        int t = 0;
+        for (; t + 4 <= live; t += 4) {  /* four independent dot products hide the FMA latency */
+            const float *k0 = kb + (size_t)t * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+            for (int d = 0; d < dim; d++) {
+                a0 += qg[d] * k0[d]; a1 += qg[d] * k1[d]; a2 += qg[d] * k2[d]; a3 += qg[d] * k3[d];
+            }
+            s[t] = a0 * scale; s[t + 1] = a1 * scale; s[t + 2] = a2 * scale; s[t + 3] = a3 * scale;
+        }
+        for (; t < live; t++) {
+            const float *kt = kb + (size_t)t * dim;
+            float a = 0.0f;
+            for (int d = 0; d < dim; d++) a += qg[d] * kt[d];
+            s[t] = a * scale;
+        }
+        float top = m[g];
+        for (t = 0; t < live; t++) top = s[t] > top ? s[t] : top;
+        float keep = expf(m[g] - top);  /* 0 on the first block: m[g] is -inf */
+        float sum = 0.0f;
+        for (t = 0; t < live; t++) { s[t] = expf(s[t] - top); sum += s[t]; }
+        float *ag = acc + (size_t)g * dim;
+        for (int d = 0; d < dim; d++) ag[d] *= keep;
+        for (t = 0; t < live; t++) {
+            const float *vt = vb + (size_t)t * dim;
+            for (int d = 0; d < dim; d++) ag[d] += s[t] * vt[d];
+        }
+        l[g] = l[g] * keep + sum;
+        m[g] = top;
+    }
+}
+
+/* One query row, all heads, block by block: a block's heads lie side by side in the cache, so each
+   block is read as one contiguous run of K and one of V, and the next block's are prefetched meanwhile.
+   Inlined with a constant dim (see paged_decode), so loops unroll. */
 static inline __attribute__((always_inline)) void attend(
-        const float *q, const float *kc, const float *vc, const int32_t *table, int ctx, float *out, int h,
-        int kv_heads, int group, const int dim, int bs, float scale) {
-    float m[group], l[group], acc[group * dim], s[bs];
-    for (int g = 0; g < group; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
-    for (int j = 0; j < group * dim; j++) acc[j] = 0.0f;
-    for (int b = 0; b * bs < ctx; b++) {
+        const float *q, const float *kc, const float *vc, const int32_t *table, int ctx, float *out,
+        int heads, int kv_heads, const int dim, int bs, float scale) {
+    int group = heads / kv_heads;
+    size_t block_floats = (size_t)kv_heads * bs * dim;
+    float m[heads], l[heads], acc[heads * dim], s[bs];
+    for (int j = 0; j < heads; j++) { m[j] = -INFINITY; l[j] = 0.0f; }
+    for (int j = 0; j < heads * dim; j++) acc[j] = 0.0f;
+    int blocks = (ctx + bs - 1) / bs;
+    for (int b = 0; b < blocks; b++) {
         int live = ctx - b * bs < bs ? ctx - b * bs : bs;
-        size_t base = ((size_t)table[b] * kv_heads + h) * bs * dim;
-        const float *kb = kc + base, *vb = vc + base;
-        for (int g = 0; g < group; g++) {
-            const float *qg = q + (size_t)g * dim;
-            int t = 0;
-            for (; t + 4 <= live; t += 4) {  /* four independent dot products hide the FMA latency */
-                const float *k0 = kb + (size_t)t * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-                for (int d = 0; d < dim; d++) {
-                    a0 += qg[d] * k0[d]; a1 += qg[d] * k1[d]; a2 += qg[d] * k2[d]; a3 += qg[d] * k3[d];
-                }
-                s[t] = a0 * scale; s[t + 1] = a1 * scale; s[t + 2] = a2 * scale; s[t + 3] = a3 * scale;
+        const float *kb = kc + (size_t)table[b] * block_floats, *vb = vc + (size_t)table[b] * block_floats;
+        if (b + AHEAD < blocks) {
+            const char *kn = (const char *)(kc + (size_t)table[b + AHEAD] * block_floats);
+            const char *vn = (const char *)(vc + (size_t)table[b + AHEAD] * block_floats);
+            for (size_t off = 0; off < block_floats * sizeof(float); off += 64) {
+                __builtin_prefetch(kn + off, 0, 3);
+                __builtin_prefetch(vn + off, 0, 3);
             }
-            for (; t < live; t++) {
-                const float *kt = kb + (size_t)t * dim;
-                float a = 0.0f;
-                for (int d = 0; d < dim; d++) a += qg[d] * kt[d];
-                s[t] = a * scale;
-            }
-            float top = m[g];
-            for (t = 0; t < live; t++) top = s[t] > top ? s[t] : top;
-            float keep = expf(m[g] - top);  /* 0 on the first block: m[g] is -inf */
-            float sum = 0.0f;
-            for (t = 0; t < live; t++) { s[t] = expf(s[t] - top); sum += s[t]; }
-            float *ag = acc + (size_t)g * dim;
-            for (int d = 0; d < dim; d++) ag[d] *= keep;
-            for (t = 0; t < live; t++) {
-                const float *vt = vb + (size_t)t * dim;
-                for (int d = 0; d < dim; d++) ag[d] += s[t] * vt[d];
-            }
-            l[g] = l[g] * keep + sum;
-            m[g] = top;
+        }
+        for (int h = 0; h < kv_heads; h++) {
+            size_t head = (size_t)h * bs * dim;
+            fold_block(q + (size_t)h * group * dim, kb + head, vb + head, live, m + h * group, l + h * group,
+                       acc + (size_t)h * group * dim, s, group, dim, scale);
         }
     }
-    for (int g = 0; g < group; g++)
-        for (int d = 0; d < dim; d++) out[(size_t)g * dim + d] = acc[(size_t)g * dim + d] / l[g];
+    for (int j = 0; j < heads; j++)
+        for (int d = 0; d < dim; d++) out[(size_t)j * dim + d] = acc[(size_t)j * dim + d] / l[j];
 }
 
 /* q, out: [n, heads, dim]; kc, vc: [blocks, kv_heads, bs, dim]; row i reads blocks
@@ -84,19 +108,17 @@ static inline __attribute__((always_inline)) void attend(
 void paged_decode(const float *q, const float *kc, const float *vc, const int32_t *tables,
                   const int32_t *offsets, const int32_t *ctx, float *out, int n, int heads, int kv_heads,
                   int dim, int bs, float scale, int threads) {
-    int group = heads / kv_heads;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
-    for (int i = 0; i < n; i++)
-        for (int h = 0; h < kv_heads; h++) {
-            size_t row = ((size_t)i * heads + (size_t)h * group) * dim;
-            const int32_t *table = tables + offsets[i];
-            if (dim == 64)
-                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, 64, bs, scale);
-            else if (dim == 128)
-                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, 128, bs, scale);
-            else
-                attend(q + row, kc, vc, table, ctx[i], out + row, h, kv_heads, group, dim, bs, scale);
-        }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int i = 0; i < n; i++) {
+        size_t row = (size_t)i * heads * dim;
+        const int32_t *table = tables + offsets[i];
+        if (dim == 64)
+            attend(q + row, kc, vc, table, ctx[i], out + row, heads, kv_heads, 64, bs, scale);
+        else if (dim == 128)
+            attend(q + row, kc, vc, table, ctx[i], out + row, heads, kv_heads, 128, bs, scale);
+        else
+            attend(q + row, kc, vc, table, ctx[i], out + row, heads, kv_heads, dim, bs, scale);
+    }
 }
 """
 

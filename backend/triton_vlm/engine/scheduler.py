@@ -22,7 +22,7 @@ from .sequence import Sequence, Status
 
 @dataclass
 class SchedulerConfig:
-    block_size: int = 16
+    block_size: int = 8
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
