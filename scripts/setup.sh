@@ -35,5 +35,16 @@ if ! ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
   fi
 fi
 
+# A C compiler builds the engine's CPU decode-attention kernel (engine/cpu_kernel.py); without one the
+# engine keeps its slower torch path.
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1; }) \
+      || echo "setup: could not install gcc; the engine will use its torch attention path" >&2
+  else
+    echo "setup: no C compiler; install gcc for the engine's CPU attention kernel" >&2
+  fi
+fi
+
 .venv/bin/triton-vlm install-stub >/dev/null
 echo "setup: ok (.venv ready)"

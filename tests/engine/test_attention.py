@@ -79,9 +79,10 @@ def test_mixed_decodes_and_prefill_chunks_match_dense(heads, kv_heads, use_kerne
 
 
 @pytest.mark.parametrize("use_kernel", DECODE_PATHS)
-def test_decode_only_batch_matches_dense(use_kernel):
+@pytest.mark.parametrize("dim", [64, 128, 24])  # the kernel's two specialised head sizes and its general loop
+def test_decode_only_batch_matches_dense(use_kernel, dim):
     seqs = [(s, 1) for s in (0, 3, 4, 15, 16, 31, 2)]
-    out, expected, meta = run_step(seqs, 8, 2, dim=64, use_kernel=use_kernel)
+    out, expected, meta = run_step(seqs, 8, 2, dim=dim, use_kernel=use_kernel)
     assert meta.num_decodes == len(seqs) and meta.pre_mask.numel() == 0
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
