@@ -55,7 +55,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset = froz
     out = SampleOutput(list(rows), [0.0] * len(rows), [None] * len(rows), [None] * len(rows))
     if not good:
         return out
-    sub = logits[good].float()  # fp32: half-precision logits overflow at small temperatures
+    # fp32: half-precision logits overflow at small temperatures. Nothing below writes into `sub`, so when every
+    # row is good it is a view (rows past the sequences', prompt logprobs' own, are not ours).
+    sub = (logits[:len(rows)] if len(good) == len(rows) else logits[good]).float()
     live = [rows[i] for i in good]
     live_seqs = [seqs[i] for i in good]
     dev = sub.device
