@@ -107,6 +107,18 @@ def metric(server, name: str) -> float:
     return float(match.group(1))
 
 
+def settled_metric(server, name: str, timeout: float = 10) -> float:
+    """The metric once two reads 0.3 s apart agree: the stubs publish up to 100 ms late, so an earlier
+    request's counts may still be on their way."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, None
+    while (value := metric(server, name)) != last and time.monotonic() < deadline:
+        last = value
+        time.sleep(0.3)
+    return value
+
+
 def metric_by_instance(server, name: str) -> dict[str, float]:
     """One engine gauge per llm instance (label `model_instance`, e.g. llm_0_1)."""
     import re

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from helpers import PROMPTS, metric, rng_image
+from helpers import PROMPTS, metric, rng_image, settled_metric
 from triton_vlm.client import protocol
 
 GREEDY = {"max_tokens": 16, "temperature": 0}
@@ -47,7 +47,7 @@ def test_a_repeated_image_skips_vision_and_its_prefix_is_not_computed_again(tiny
     image_hits = metric(tiny_server, "triton_vlm_image_cache_hits_total")
     assert ask(tiny_server, PROMPTS[1], [image]) == expected
     assert vision_runs(tiny_server) == runs + 1
-    prefix_hits = metric_reaching(tiny_server, "triton_vlm_prefix_cache_hits_total", 0)
+    prefix_hits = settled_metric(tiny_server, "triton_vlm_prefix_cache_hits_total")
     assert ask(tiny_server, PROMPTS[1], [image]) == expected
     assert vision_runs(tiny_server) == runs + 1  # the embeddings came from the image cache
     # Published from vlm's metrics thread within 100 ms.
@@ -97,8 +97,8 @@ def test_a_stateless_four_turn_chat_computes_only_each_turns_new_tokens(tiny_ser
             content.insert(0, {"type": "image_url", "image_url": {"url": f"#{turn // 2}"}})
         chat.append({"role": "user", "content": content})
         sent = images[:1 if turn < 3 else 2]
-        queries = metric_reaching(tiny_server, "triton_vlm_prefix_cache_queries_total", 0)
-        hits = metric_reaching(tiny_server, "triton_vlm_prefix_cache_hits_total", 0)
+        queries = settled_metric(tiny_server, "triton_vlm_prefix_cache_queries_total")
+        hits = settled_metric(tiny_server, "triton_vlm_prefix_cache_hits_total")
         inputs = protocol.grpc_inputs(None, sent, sampling=GREEDY, messages=json.dumps(chat),
                                       returns=("num_input_tokens",))
         done = protocol.complete(tiny_server.grpc_url, inputs)
