@@ -50,6 +50,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per client call")
     ap.add_argument("--max-rss-growth", type=float, default=5.0, help="target, in %% after warm-up")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grpc-reuse", action="store_true",
+                    help="each gRPC client worker keeps one connection for all its requests, as real clients do "
+                         "(default: a new connection per request)")
     ap.add_argument("--checkpoint", default="models/toy-vlm", help="served here unless --url is given")
     ap.add_argument("--work-dir", default="work/soak", help="repository and server.log of the served checkpoint")
     ap.add_argument("--image-cache-mb", type=float, default=1.0,
@@ -72,7 +75,7 @@ def main() -> int:
                           phase_s=args.phase, warmup_s=args.warmup, invalid_fraction=args.invalid_fraction,
                           invalid_kinds=tuple(args.invalid_kinds.split(",")),
                           protocols=tuple(args.protocols.split(",")), timeout_s=args.timeout,
-                          max_rss_growth_pct=args.max_rss_growth, seed=args.seed)
+                          max_rss_growth_pct=args.max_rss_growth, seed=args.seed, grpc_reuse=args.grpc_reuse)
     with contextlib.ExitStack() as stack:
         result = soak.run_soak(cfg, endpoints(args, stack), log=lambda line: print(line, file=sys.stderr, flush=True))
     print(soak.table(result))

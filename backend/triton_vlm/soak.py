@@ -59,6 +59,7 @@ class SoakConfig:
     max_rss_growth_pct: float = 5.0
     rss_every_s: float = 5.0
     drain_timeout_s: float = 30.0  # how long the engine may take to go idle after the traffic
+    grpc_reuse: bool = False  # each gRPC worker keeps one connection (as real clients do); else one per request
     seed: int = 0
 
     def warmup(self) -> float:
@@ -180,11 +181,12 @@ class CallTimeout(Exception):
     pass
 
 
-def grpc_pieces(url: str, req: Request, stream: bool, timeout: float) -> Iterator[str]:
+def grpc_pieces(url: str, req: Request, stream: bool, timeout: float, connection=None) -> Iterator[str]:
     """Text pieces of one request over the gRPC stream API, bounded by `timeout` in total.
 
     Unlike client.stream_grpc_results, an unfinished stream is closed with cancel_requests=True:
-    a plain stop_stream() waits for the server to finish, forever if it hangs.
+    a plain stop_stream() waits for the server to finish, forever if it hangs. `connection`: a
+    worker's own InferenceServerClient, kept open; without it, one is opened and closed for this request.
     """
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -193,7 +195,7 @@ def grpc_pieces(url: str, req: Request, stream: bool, timeout: float) -> Iterato
     sampling = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
     sampling.set_data_from_numpy(np.array([req.sampling.encode()], dtype=object))
     results: queue.Queue = queue.Queue()
-    grpc = grpcclient.InferenceServerClient(url)
+    grpc = connection or grpcclient.InferenceServerClient(url)
     grpc.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=timeout)
     finished = False
     try:
@@ -220,7 +222,8 @@ def grpc_pieces(url: str, req: Request, stream: bool, timeout: float) -> Iterato
                 return
     finally:
         grpc.stop_stream(cancel_requests=not finished)
-        grpc.close()
+        if connection is None:
+            grpc.close()
 
 
 def http_pieces(url: str, req: Request, stream: bool, timeout: float) -> Iterator[str]:
@@ -243,9 +246,9 @@ def http_pieces(url: str, req: Request, stream: bool, timeout: float) -> Iterato
             raise CallTimeout(f"stream still going after {timeout:g} s")
 
 
-def pieces(endpoints: Endpoints, req: Request, timeout: float) -> Iterator[str]:
+def pieces(endpoints: Endpoints, req: Request, timeout: float, connection=None) -> Iterator[str]:
     if req.protocol.startswith("grpc"):
-        return grpc_pieces(endpoints.grpc_url, req, req.protocol == "grpc_stream", timeout)
+        return grpc_pieces(endpoints.grpc_url, req, req.protocol == "grpc_stream", timeout, connection)
     return http_pieces(endpoints.http_url, req, req.protocol == "http_stream", timeout)
 
 
@@ -274,12 +277,12 @@ def error_kind(message: str) -> str:
     return "other"
 
 
-def execute(endpoints: Endpoints, req: Request, concurrency: int, timeout: float) -> Outcome:
+def execute(endpoints: Endpoints, req: Request, concurrency: int, timeout: float, connection=None) -> Outcome:
     """Send one request and classify what came back; never raises, never waits past `timeout`."""
     started = time.monotonic()
     ttft, text, error, message = None, [], None, ""
     try:
-        for piece in pieces(endpoints, req, timeout):
+        for piece in pieces(endpoints, req, timeout, connection):
             if piece and ttft is None and req.protocol in STREAMING:
                 ttft = time.monotonic() - started
             text.append(piece)
@@ -369,11 +372,20 @@ def run_phase(cfg: SoakConfig, endpoints: Endpoints, phase: int, concurrency: in
     """`concurrency` workers send requests back to back until `phase_end`, then finish the calls they
     are in (each bounded by cfg.timeout_s)."""
     def worker(rng: random.Random) -> None:
-        while time.monotonic() < phase_end:
-            outcome = execute(endpoints, draw_request(rng, cfg), concurrency, cfg.timeout_s)
-            outcomes.append(outcome)
-            if outcome.error == "connection":
-                time.sleep(0.1)  # a dead server answers at once: do not spin
+        connection = None
+        if cfg.grpc_reuse and any(p.startswith("grpc") for p in cfg.protocols):
+            import tritonclient.grpc as grpcclient
+
+            connection = grpcclient.InferenceServerClient(endpoints.grpc_url)
+        try:
+            while time.monotonic() < phase_end:
+                outcome = execute(endpoints, draw_request(rng, cfg), concurrency, cfg.timeout_s, connection)
+                outcomes.append(outcome)
+                if outcome.error == "connection":
+                    time.sleep(0.1)  # a dead server answers at once: do not spin
+        finally:
+            if connection is not None:
+                connection.close()
 
     threads = [threading.Thread(target=worker, args=(random.Random(f"{cfg.seed}:{phase}:{i}"),), daemon=True)
                for i in range(concurrency)]

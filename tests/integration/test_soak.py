@@ -50,6 +50,17 @@ def test_one_minute_soak(soak_server):
     assert soak.missed_targets(result) == [], report
 
 
+def test_grpc_workers_can_keep_one_connection(soak_server):
+    # --grpc-reuse: each worker sends every request, cancelled streams included, over its one connection.
+    cfg = soak.SoakConfig(duration_s=8, concurrencies=(4,), phase_s=8, protocols=("grpc", "grpc_stream"),
+                          invalid_kinds=("bad_json", "cancel"), grpc_reuse=True)
+    result = soak.run_soak(cfg, soak.Endpoints.of(soak_server))
+    report = soak.table(result)
+    assert soak.summary(result)["valid_failures"] == {}, report
+    assert all(o.as_expected for o in result.outcomes), report
+    assert {o.kind for o in result.outcomes} == {"valid", "bad_json", "cancel"}, report
+
+
 def test_error_kinds_name_the_field():
     kinds = {
         "image[1]: not a decodable image (neither an image file nor base64 of one)": "image[1]",
