@@ -58,8 +58,8 @@ class TorchMetadata:
     cache_rows: torch.Tensor  # [T * kv_heads]: each new token's row per kv head in a cache viewed as [-1, head_dim]
     num_decodes: int
     # decodes, torch path: the gathered blocks, the decode row each belongs to, -inf past the context in its
-    # last block; kernel path: the blocks in use (int32, flat), where each decode's start, its context length.
-    # Each path leaves the other's fields empty.
+    # last block. Kernel path: every decode's blocks in use (int32, flat), where each decode's blocks begin in
+    # that list, and each decode's context length. Each path leaves the other's fields empty.
     dec_blocks: torch.Tensor  # [NB]
     dec_block_row: torch.Tensor  # [NB]
     dec_block_bias: torch.Tensor  # [NB, 1, 1, block_size]
