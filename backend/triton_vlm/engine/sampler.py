@@ -72,8 +72,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset = froz
         tokens[at] = _draw(probs, [live[j] for j in sampled])
         not_finite[at] = ~torch.isfinite(probs).all(dim=-1)
     # A row is broken if nothing is allowed; only rows with a mask can be.
-    masked = [j for j, (r, s) in enumerate(zip(live, live_seqs))
-              if r.banned or s.params.allowed_token_ids or s.matcher is not None or s.params.logit_bias]
+    masked = [j for j, (r, s) in enumerate(zip(live, live_seqs)) if _masked(s, r)]
     masked_out = torch.zeros(len(live), dtype=torch.bool, device=dev)
     if masked:
         at = torch.tensor(masked, device=dev)
@@ -140,13 +139,20 @@ def _banned_by_bad_words(seq: Sequence) -> list[int]:
     return banned
 
 
+def _masked(seq: Sequence, row: Row) -> bool:
+    """Whether some tokens of this row are masked or biased (and so the row can end up all -inf)."""
+    return bool(row.banned or seq.params.allowed_token_ids or seq.matcher is not None or seq.params.logit_bias)
+
+
+def _penalised(p) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def shape_logits(logits: torch.Tensor, seqs: list[Sequence], rows: list[Row]) -> torch.Tensor:
     """Masks, logit bias and penalties, all rows at once: what greedy rows take the argmax of.
 
-    Returns `logits` itself when no row shapes anything (it is sample's own copy)."""
-    if not any(r.banned or s.params.allowed_token_ids or s.matcher is not None or s.params.logit_bias
-               or s.params.repetition_penalty != 1.0 or s.params.frequency_penalty != 0.0
-               or s.params.presence_penalty != 0.0 for s, r in zip(seqs, rows)):
+    Returns `logits` itself, unwritten, when no row shapes anything; else a shaped copy."""
+    if not any(_masked(s, r) or _penalised(s.params) for s, r in zip(seqs, rows)):
         return logits
     x = logits.clone()
     vocab = x.shape[-1]
@@ -177,8 +183,7 @@ def shape_logits(logits: torch.Tensor, seqs: list[Sequence], rows: list[Row]) ->
 
 def _penalties(x: torch.Tensor, seqs: list[Sequence]) -> None:
     """vLLM's: repetition over prompt and output tokens; frequency and presence over output counts."""
-    rows = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-            or s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0]
+    rows = [j for j, s in enumerate(seqs) if _penalised(s.params)]
     if not rows:
         return
     vocab, dev = x.shape[-1], x.device
